@@ -1,0 +1,1 @@
+"""Thin Hydra entry points: compose the config, build typed settings, call one library function."""

@@ -1,0 +1,113 @@
+"""What every job shares: Hydra errors and user errors end in one line on stderr and exit code 2.
+
+Hydra's own messages for a bad override are several lines; until the task function starts, stderr is
+held back and condensed to one line, so `python -m jobs.score batch_size=` fails the same way as
+`batch_size=0` does.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from pipeline.errors import EXIT_FAILED, EXIT_USER_ERROR, OutOfMemoryAtOneRow, UserError
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dict:
+    """The composed config as plain dicts, with every interpolation resolved and every ??? given."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise UserError(f"{key} is required: add {key}=… to the command line") from None
+    return {k: v for k, v in plain.items() if k not in drop}
+
+
+def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> None:
+    """Run `task` under Hydra and exit with its code (2 for user errors, before any work)."""
+    real_stderr = sys.stderr
+    held = io.StringIO()
+    started = False
+
+    def main(cfg: DictConfig) -> int:
+        nonlocal started
+        started = True
+        sys.stderr = real_stderr
+        real_stderr.write(held.getvalue())
+        try:
+            code = task(cfg)
+        except UserError as e:
+            _fail(f"error: {e}", EXIT_USER_ERROR)
+        except OutOfMemoryAtOneRow as e:
+            _fail(f"error: {e}", EXIT_FAILED)
+        if _multirun():
+            if code:
+                raise RuntimeError(f"run ended with exit code {code}")
+            return code
+        sys.exit(code)
+
+    sys.argv[1:] = [quote_brace_pattern(a) for a in sys.argv[1:]]
+    sys.stderr = held
+    try:
+        hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(main)()
+    except SystemExit as e:
+        if not started and e.code:
+            sys.stderr = real_stderr
+            _fail(f"error: {_condense(held.getvalue())}", EXIT_USER_ERROR)
+        raise
+    except Exception as e:  # Hydra failed to set the run up, e.g. output.dir missing for hydra.run.dir
+        if started:
+            raise
+        sys.stderr = real_stderr
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Missing mandatory value" in message:
+            key = message.rsplit(":", 1)[-1].strip()
+            message = f"{key} is required: add {key}=… to the command line"
+        _fail(f"error: {message}", EXIT_USER_ERROR)
+    finally:
+        sys.stderr = real_stderr
+
+
+def quote_brace_pattern(arg: str) -> str:
+    """`data.shards=/d/{000..099}.tar` as typed in a shell: quote the value so Hydra's override grammar
+    takes the braces literally instead of failing on them."""
+    key, sep, value = arg.partition("=")
+    if not sep or "{" not in value or "${" in value or value[:1] in "'\"[":
+        return arg
+    return f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+
+
+def _fail(message: str, code: int) -> None:
+    logging.shutdown()
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _condense(text: str) -> str:
+    """Hydra's multi-line config error as one line (its first paragraph, without the stack-trace hint)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.strip():
+            if lines:
+                break
+            continue
+        if "HYDRA_FULL_ERROR" in line or line.startswith((" ", "\t")):
+            continue
+        lines.append(line.strip())
+    return " ".join(lines) or "invalid configuration"

@@ -1,0 +1,88 @@
+"""Every device-specific call in one place: the CPU path and the CUDA path differ only here.
+
+The rest of the code passes a `torch.device` around and calls these helpers, so the code the tests
+run on CPU is the code that runs on a GPU node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → the GPU Slurm or CUDA_VISIBLE_DEVICES gave this process, else the CPU."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if name == "cuda":
+            raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+        return torch.device("cpu")
+    # Slurm's --gpus-per-task leaves one visible GPU per task; tasks that all see every GPU of the
+    # node pick theirs by local rank.
+    local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` → fp16 on CUDA, bf16 on a CPU with native bf16 kernels, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        log.warning("precision=fp16 on CPU runs but is very slow; precision=bf16 is the fast choice there")
+    return name
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def configure(device: torch.device, seed: int) -> None:
+    """Seed, and let cuDNN pick the fastest kernels for our fixed shapes."""
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so that a host clock reads the real time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset. CPU: the process's peak RSS (never resets)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,112 @@
+"""Is the whole output complete? Used at the end of every rank, by `jobs.verify` and for `_SUCCESS`.
+
+The quick check reads only Parquet footers (row counts); the full check also reads every key and
+status and compares them with the shard index: every input sample exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline.shards import open_shard, read_index
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class ShardReport:
+    name: str
+    expected: int | None
+    state: str  # done | missing | incomplete | unreadable_input
+    rows: int = 0
+    reason: str = ""
+    status_counts: dict[str, int] = field(default_factory=dict)
+    missing_keys: list[str] = field(default_factory=list)
+    duplicate_keys: list[str] = field(default_factory=list)
+
+
+def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None, read_keys: bool = False) -> list[ShardReport]:
+    reports = []
+    for path in paths:
+        shard = open_shard(path, cache_dir)
+        if shard.error:
+            reports.append(ShardReport(shard.name, None, "unreadable_input", reason=shard.error))
+            continue
+        reports.append(_check_shard(shard, os.path.join(out_dir, f"{shard.name}.parquet"), read_keys))
+    return reports
+
+
+def _check_shard(shard, parquet: str, read_keys: bool) -> ShardReport:
+    report = ShardReport(shard.name, shard.count, "missing")
+    if not os.path.exists(parquet):
+        report.reason = "no output"
+        return report
+    try:
+        report.rows = pq.read_metadata(parquet).num_rows
+        table = pq.read_table(parquet, columns=["key", "status"] if read_keys else ["status"])
+    except Exception as e:
+        report.state, report.reason = "incomplete", f"unreadable parquet: {type(e).__name__}"
+        return report
+    report.status_counts = dict(collections.Counter(table.column("status").to_pylist()))
+    if read_keys:
+        want = collections.Counter(e.key for e in read_index(shard.index_path))
+        have = collections.Counter(table.column("key").to_pylist())
+        report.missing_keys = sorted((want - have).keys())
+        report.duplicate_keys = sorted((have - want).keys())
+    if report.rows != shard.count or report.missing_keys or report.duplicate_keys:
+        report.state, report.reason = "incomplete", f"{report.rows} rows for {shard.count} samples"
+    else:
+        report.state = "done"
+    return report
+
+
+def config_hash(config: dict) -> str:
+    relevant = {k: v for k, v in config.items() if k not in ("dist", "progress", "hydra")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def manifest(reports: list[ShardReport], metadata: dict) -> dict:
+    statuses = collections.Counter()
+    for r in reports:
+        statuses.update(r.status_counts)
+    return {
+        "complete": all(r.state == "done" for r in reports),
+        "shards": len(reports),
+        "shards_done": sum(r.state == "done" for r in reports),
+        "rows": sum(r.rows for r in reports if r.state == "done"),
+        "errors": {k: v for k, v in statuses.items() if k != "ok"},
+        "failed": {r.name: r.reason for r in reports if r.state == "unreadable_input"},
+        "remaining": [r.name for r in reports if r.state in ("missing", "incomplete")],
+        "model": metadata.get("model"), "precision": metadata.get("precision"),
+        "config_hash": config_hash(metadata.get("config") or {}),
+    }
+
+
+def write_manifest(out_dir: str, content: dict) -> str:
+    path = os.path.join(out_dir, SUCCESS)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def write_manifest_if_complete(paths: list[str], settings, metadata: dict) -> bool:
+    """Whichever rank finds every shard of the run done writes `_SUCCESS`."""
+    reports = check_output(paths, settings.output.dir, settings.data.index_cache_dir)
+    content = manifest(reports, metadata)
+    if not content["complete"]:
+        log.info("output not complete yet: %d of %d shards done", content["shards_done"], content["shards"])
+        return False
+    path = write_manifest(settings.output.dir, content)
+    log.info("all %d shards done; wrote %s", content["shards"], path)
+    return True

@@ -1,0 +1,157 @@
+"""Fixed-shape forward passes that survive out-of-memory by halving the micro-batch.
+
+A Batch of `batch_size` rows runs as equal chunks of the current micro-batch (the tail chunk padded,
+so the model only ever sees one shape). On OOM the same rows are retried at half the size, after the
+failed tensors are freed outside the `except` block (a live traceback would keep them allocated).
+The size bookkeeping is `MicroBatchPolicy`, plain logic with no tensors.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+from torch import nn
+
+from pipeline import device as dev
+from pipeline.batch import Batch, Predictions
+from pipeline.errors import OutOfMemoryAtOneRow
+from pipeline.settings import OomSettings
+
+log = logging.getLogger(__name__)
+
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def is_oom(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the RuntimeErrors CPU/HIP/XPU allocators and cuDNN raise instead."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
+
+
+class MicroBatchPolicy:
+    """Which micro-batch size to run next: halve on OOM, try doubling after `regrow_after` good batches,
+    never above `batch_size`, and stop growing for good once a regrowth attempt runs out of memory."""
+
+    def __init__(self, batch_size: int, regrow_after: int):
+        self.batch_size = batch_size
+        self.regrow_after = regrow_after
+        self.size = batch_size
+        self.min_size = batch_size
+        self.events = 0
+        self.growth_stopped = False
+        self._good_batches = 0
+        self._trying = None  # the size a regrowth attempt is running at
+
+    def next_size(self) -> int:
+        if (self.size < self.batch_size and not self.growth_stopped and self._trying is None
+                and self._good_batches >= self.regrow_after):
+            self._trying = min(self.size * 2, self.batch_size)
+            return self._trying
+        return self._trying or self.size
+
+    def on_oom(self, size: int) -> int:
+        """The size to retry at; raises OutOfMemoryAtOneRow when `size` was already 1."""
+        self.events += 1
+        if size <= 1:
+            raise OutOfMemoryAtOneRow("out of memory at micro-batch 1")
+        if self._trying is not None:
+            self.growth_stopped = True
+            self._trying = None
+        self.size = min(self.size, (size + 1) // 2)
+        self.min_size = min(self.min_size, self.size)
+        self._good_batches = 0
+        return self.size
+
+    def on_batch_done(self) -> None:
+        if self._trying is not None:
+            log.info("micro-batch regrew from %d to %d", self.size, self._trying)
+            self.size, self._trying, self._good_batches = self._trying, None, 0
+        else:
+            self._good_batches += 1
+
+
+class Scorer:
+    """`scorer(batch) → Predictions` for the batch's valid rows, in order; owns OOM halving."""
+
+    def __init__(self, module: nn.Module, batch_size: int, topk: int, save_logits: bool,
+                 device: torch.device, oom: OomSettings, context: str = ""):
+        self.module = module
+        self.topk = topk
+        self.save_logits = save_logits
+        self.device = device
+        self.context = context  # model, precision and input size, for the give-up message
+        self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
+        self.inject_above = oom.inject_above
+        self.inject_limit = oom.inject_limit
+        self.injected = 0
+
+    @property
+    def micro_batch(self) -> int:
+        return self.policy.size
+
+    def __call__(self, batch: Batch) -> Predictions:
+        logits = self.forward(batch.images)[: batch.n_valid].float()
+        k = min(self.topk, logits.shape[1])
+        prob, index = torch.softmax(logits, dim=1).topk(k, dim=1)
+        return Predictions(
+            topk_index=index.to(torch.int32).cpu(),
+            topk_prob=prob.cpu(),
+            logits=logits.to(torch.float16).cpu() if self.save_logits else None,
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for every row of `images`, run as chunks of the current micro-batch."""
+        total = images.shape[0]
+        outputs = []
+        start = 0
+        size = self.policy.next_size()
+        while start < total:
+            rows = min(size, total - start)
+            chunk = images[start : start + rows]
+            if rows < size:  # keep the one static shape: pad the tail chunk
+                chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
+            out = self.try_forward(chunk)
+            if out is None:
+                del chunk  # the failed input must be gone before the retry allocates again
+                gc.collect()
+                dev.empty_cache(self.device)
+                size = self._halve(size)
+                continue
+            outputs.append(out[:rows])
+            start += rows
+        self.policy.on_batch_done()
+        return torch.cat(outputs)
+
+    def try_forward(self, chunk: torch.Tensor) -> torch.Tensor | None:
+        """The model's output, or None after an out-of-memory error (any other error propagates)."""
+        try:
+            with torch.inference_mode():
+                self._maybe_inject(chunk.shape[0])
+                return self.module(chunk)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            self._last_oom = " ".join(str(e).split())[:200]
+        return None
+
+    def _halve(self, size: int) -> int:
+        try:
+            new_size = self.policy.on_oom(size)
+        except OutOfMemoryAtOneRow:
+            raise OutOfMemoryAtOneRow(
+                f"out of memory at micro-batch 1 on {self.device}: {self.context} does not fit "
+                f"({self._last_oom})") from None
+        log.warning("OOM at micro-batch %d on %s; retrying at %d", size, self.device, new_size)
+        return new_size
+
+    def _maybe_inject(self, rows: int) -> None:
+        """oom.inject_above: a real OutOfMemoryError, to rehearse recovery on a machine with memory to spare."""
+        if self.inject_above is None or rows <= self.inject_above:
+            return
+        if self.inject_limit is not None and self.injected >= self.inject_limit:
+            return
+        self.injected += 1
+        raise torch.OutOfMemoryError(f"out of memory (injected: {rows} rows > oom.inject_above={self.inject_above})")

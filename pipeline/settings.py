@@ -1,0 +1,193 @@
+"""Typed settings for a run, built from a plain mapping (the composed Hydra config).
+
+The library never sees Hydra or OmegaConf: `jobs/` resolves the config to plain dicts and calls
+`from_mapping`, which rejects unknown keys and wrong types with a `UserError` before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from pipeline.errors import UserError
+
+PRECISIONS = ("fp16", "bf16", "fp32", "auto")
+DEVICES = ("auto", "cuda", "cpu")
+DECODERS = ("dali", "torch", "auto")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to run and the preprocessing it expects."""
+
+    name: str = "resnet18"
+    weights: str | None = None  # torchvision weights name, DEFAULT, or None for seeded random init
+    checkpoint: str | None = None  # state_dict file, loaded with weights_only=True
+    path: str | None = None  # TorchScript (.pt/.ts) or torch.export (.pt2) file
+    num_classes: int = 1000
+    resize_size: int = 256  # shorter side after resize
+    crop_size: int = 224  # center crop, square
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    topk: int = 5
+    compile: bool = False
+
+    def __post_init__(self):
+        _check(self.interpolation in INTERPOLATIONS, f"model.interpolation must be one of {INTERPOLATIONS}")
+        _check(self.crop_size > 0 and self.resize_size >= self.crop_size,
+               "model.resize_size must be >= model.crop_size > 0")
+        _check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
+               "model.mean and model.std need three values, std > 0")
+        _check(self.topk >= 1, "model.topk must be >= 1")
+        _check(sum(x is not None for x in (self.checkpoint, self.path)) <= 1,
+               "give at most one of model.checkpoint and model.path")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which shards to read and what a sample holds."""
+
+    shards: str | list[str] | None = None
+    image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    label_extension: str | None = "cls"
+    max_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default limit
+    index_cache_dir: str | None = None  # for index files when a shard's folder is read-only
+
+    def __post_init__(self):
+        _check(self.shards not in (None, "", []), "data.shards is required (a pattern, a list or a .txt file)")
+        _check(len(self.image_extensions) > 0, "data.image_extensions must not be empty")
+        _check(self.max_pixels > 0, "data.max_pixels must be > 0")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    dir: str = ""
+    save_logits: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check(bool(self.dir), "output.dir is required")
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """Decoding resources: DALI threads or DataLoader workers, and how many batches to read ahead."""
+
+    threads: int = 2
+    prefetch: int = 2
+
+    def __post_init__(self):
+        _check(self.threads >= 0, "loader.threads must be >= 0")
+        _check(self.prefetch >= 1, "loader.prefetch must be >= 1")
+
+
+@dataclass(frozen=True)
+class OomSettings:
+    regrow_after: int = 50  # successful batches before trying a doubled micro-batch again
+    inject_above: int | None = None  # debug: raise a real OutOfMemoryError above this many rows
+    inject_limit: int | None = None  # debug: stop injecting after this many injected errors
+
+    def __post_init__(self):
+        _check(self.regrow_after >= 1, "oom.regrow_after must be >= 1")
+        _check(self.inject_above is None or self.inject_above >= 0, "oom.inject_above must be >= 0 or null")
+
+
+@dataclass(frozen=True)
+class AutoBatchSettings:
+    max_batch_size: int = 4096
+    tolerance: float = 0.03
+    repeats: int = 3
+
+    def __post_init__(self):
+        _check(self.max_batch_size >= 1, "auto.max_batch_size must be >= 1")
+        _check(0 <= self.tolerance < 1, "auto.tolerance must be in [0, 1)")
+        _check(self.repeats >= 1, "auto.repeats must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistSettings:
+    """This process's rank among all ranks of the run; null = read from Slurm's environment."""
+
+    rank: int | None = None
+    world_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything `pipeline.runner.score` needs."""
+
+    data: DataSettings
+    output: OutputSettings
+    model: ModelSettings = field(default_factory=ModelSettings)
+    batch_size: int | str = 256  # or "auto"
+    precision: str = "auto"
+    device: str = "auto"
+    decoder: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    loader: LoaderSettings = field(default_factory=LoaderSettings)
+    oom: OomSettings = field(default_factory=OomSettings)
+    auto: AutoBatchSettings = field(default_factory=AutoBatchSettings)
+    dist: DistSettings = field(default_factory=DistSettings)
+
+    def __post_init__(self):
+        _check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+               f"batch_size must be a positive integer or auto, got {self.batch_size!r}")
+        _check(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
+        _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def from_mapping(cls, values: typing.Mapping, where: str = ""):
+    """Build dataclass `cls` from a nested mapping, converting lists and checking every key and type."""
+    if not isinstance(values, typing.Mapping):
+        raise UserError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown config key {where + unknown[0]!r}; known keys: {', '.join(sorted(names))}")
+    kwargs = {name: _convert(hints[name], value, where + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise UserError(f"{where or 'config'}: {e}") from None
+
+
+def _convert(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if len(errors) == 1 else f"{where}: bad value {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, typing.Sequence):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        converted = [_convert(item, v, where) for v in value]
+        return tuple(converted) if origin is tuple else converted
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise UserError(f"{where} must be {hint.__name__}, got {value!r}")
+        return value
+    raise UserError(f"{where}: unsupported type {hint}")

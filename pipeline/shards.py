@@ -1,0 +1,174 @@
+"""Shards: expand the user's patterns, make sure each has a DALI index file, count its samples,
+and pick this rank's share.
+
+The index file (DALI's `wds2idx` format) is the single source of truth for which samples a shard
+holds: both decoders produce exactly one row per index entry, and the writer expects that count.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import braceexpand
+from wds2idx import IndexCreator
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PLAIN_TAR = (".tar",)
+COMPRESSED_TAR = (".tar.gz", ".tgz")
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    name: str  # file name without extension: the output is <name>.parquet
+    index_path: str | None = None
+    count: int | None = None  # samples, from the index; None when the shard could not be indexed
+    error: str | None = None  # why it could not be indexed
+
+    @property
+    def is_plain_tar(self) -> bool:
+        return self.path.endswith(PLAIN_TAR)
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One sample: its key and its components as {extension: (offset, size)}."""
+
+    key: str
+    components: dict[str, tuple[int, int]]
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Brace patterns, globs, single paths, lists of those, or a .txt file of paths → sorted paths."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[str] = []
+    for item in items:
+        item = os.path.expanduser(str(item))
+        if item.endswith(".txt") and os.path.isfile(item):
+            with open(item) as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+            paths.extend(expand_shards(lines) if lines else [])
+            continue
+        for pattern in braceexpand.braceexpand(item):
+            if glob.has_magic(pattern):
+                paths.extend(glob.glob(pattern))
+            else:
+                paths.append(pattern)  # kept even when missing: it becomes a failed shard, not a lost one
+    paths = sorted(set(os.path.abspath(p) for p in paths))
+    existing = [p for p in paths if os.path.exists(p)]
+    if not existing:
+        raise UserError(f"data.shards={spec!r} matches no file")
+    names: dict[str, str] = {}
+    for p in paths:
+        name = shard_name(p)
+        if name in names:
+            raise UserError(f"two shards share the name {name!r} ({names[name]} and {p}); outputs would collide")
+        names[name] = p
+    return paths
+
+
+def shard_name(path: str) -> str:
+    base = os.path.basename(path)
+    for ext in COMPRESSED_TAR + PLAIN_TAR:
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return os.path.splitext(base)[0]
+
+
+def assign_to_rank(paths: list[str], rank: int, world_size: int) -> list[str]:
+    """Round-robin over the sorted list: deterministic and disjoint, so any rank can be rerun alone."""
+    return sorted(paths)[rank::world_size]
+
+
+def index_path_for(path: str, cache_dir: str | None) -> str:
+    """`<shard>.idx` beside the shard when that folder is writable, else in the cache folder."""
+    beside = os.path.join(os.path.dirname(path), shard_name(path) + ".idx")
+    if os.path.exists(beside) or os.access(os.path.dirname(path), os.W_OK):
+        return beside
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "shardscore", "index")
+    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{shard_name(path)}-{digest}.idx")
+
+
+def open_shard(path: str, cache_dir: str | None = None) -> Shard:
+    """Index a shard (reusing a fresh index file) and count its samples; failures are recorded, not raised."""
+    name = shard_name(path)
+    if not os.path.isfile(path):
+        return Shard(path, name, error="no such file")
+    if not os.access(path, os.R_OK):
+        return Shard(path, name, error="not readable")
+    idx = index_path_for(path, cache_dir)
+    try:
+        if not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)):
+            create_index(path, idx)
+        entries = read_index(idx)
+        if path.endswith(PLAIN_TAR):
+            check_not_truncated(path, entries)
+    except (OSError, ValueError) as e:
+        return Shard(path, name, index_path=idx, error=f"cannot index: {e}")
+    return Shard(path, name, index_path=idx, count=len(entries))
+
+
+def create_index(path: str, idx: str) -> None:
+    os.makedirs(os.path.dirname(idx), exist_ok=True)
+    tmp = f"{idx}.tmp-{os.getpid()}"
+    try:
+        with IndexCreator(path, tmp, verbose=False) as creator:
+            creator.create_index()
+        os.replace(tmp, idx)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    log.info("indexed shard=%s index=%s", path, idx)
+
+
+def read_index(idx: str) -> list[IndexEntry]:
+    with open(idx) as f:
+        header = f.readline().split()
+        if len(header) != 2 or not header[0].startswith("v1."):
+            raise ValueError(f"{idx} is not a wds2idx index file")
+        entries = []
+        for line in f:
+            fields = line.split()
+            if len(fields) % 4:
+                raise ValueError(f"malformed line in {idx}: {line.strip()[:80]}")
+            components = {}
+            key = None
+            for i in range(0, len(fields), 4):
+                ext, offset, size, fname = fields[i : i + 4]
+                key = fname[: fname.find(".", fname.rfind("/") + 1)]
+                components.setdefault(ext, (int(offset), int(size)))
+            entries.append(IndexEntry(key, components))
+    if len(entries) != int(header[1]):
+        raise ValueError(f"{idx} lists {len(entries)} samples, its header says {header[1]}")
+    return entries
+
+
+def check_not_truncated(path: str, entries: list[IndexEntry]) -> None:
+    size = os.path.getsize(path)
+    end = max((off + n for e in entries for off, n in e.components.values()), default=0)
+    if end > size:
+        raise ValueError(f"truncated tar: data runs to byte {end}, file has {size}")
+
+
+def rank_from_env(dist) -> tuple[int, int]:
+    """(rank, world size) from `dist.*` overrides, else Slurm: array index × tasks per job + task id."""
+    if dist.rank is not None or dist.world_size is not None:
+        rank, world = dist.rank or 0, dist.world_size or 1
+    else:
+        env = os.environ
+        tasks, proc = int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_PROCID", 0))
+        arrays = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        array_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        rank, world = array_index * tasks + proc, arrays * tasks
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside world size {world} (dist.rank / dist.world_size)")
+    return rank, world

@@ -1,0 +1,44 @@
+"""Shared fixtures: small generated shards and a helper to run the real CLI."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.pack import encode_jpeg, synthetic_image, write_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["debug=tiny"]  # resnet18, random weights, 72→64 px, fp32, no progress bar
+
+
+def small_jpegs(count: int, seed: int, start: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(start, start + count):
+        image = synthetic_image(rng, min_side=48, max_side=140)
+        yield f"{i:06d}", {"jpg": encode_jpeg(image), "cls": str(i % 10).encode()}
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Three shards of 9, 9 and 5 JPEG samples (23 in all) with labels and index files."""
+    out = tmp_path_factory.mktemp("shards")
+    paths = write_shards(small_jpegs(23, seed=1), str(out), shard_size=9, prefix="part")
+    return paths
+
+
+def png_bytes(array: np.ndarray, **kw) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array, **kw).save(out, format="PNG")
+    return out.getvalue()
+
+
+def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module> args…` from the repo root, the way a user does."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,47 @@
+"""Mistakes a user can make end in one line on stderr, exit code 2, no traceback, before any image is read."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, run_cli
+
+BAD = {
+    "unknown model": (["model.name=resnet_does_not_exist"], "unknown model"),
+    "bad precision": (["precision=fp8"], "precision must be one of"),
+    "batch size zero": (["batch_size=0"], "batch_size must be a positive integer"),
+    "pattern matches nothing": (["data.shards=/nonexistent/x-{000..009}.tar"], "matches no file"),
+    "unknown key": (["batch_sise=4"], "batch_sise"),
+    "unknown model group": (["model=nonexistent"], "model"),
+    "bad checkpoint path": (["model.checkpoint=/nonexistent/ckpt.pt"], "does not exist"),
+    "bad decoder": (["decoder=pillow"], "decoder must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_argument_is_one_clear_line(shards, tmp_path, case):
+    overrides, expected = BAD[case]
+    args = [*TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path / 'out'}", *overrides]
+    r = run_cli("jobs.score", *args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "][" not in ln]  # log lines aside
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error:") and expected in lines[0]
+    assert "Traceback" not in r.stderr
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_missing_output_dir(shards):
+    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "output.dir" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_weights_without_network_say_what_to_do(shards, tmp_path):
+    """No network here: named weights that are not cached must fail clearly, never fall back to random."""
+    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path}",
+                "model.weights=IMAGENET1K_V1", env={"TORCH_HOME": str(tmp_path / "empty-cache")})
+    assert r.returncode == 2
+    assert "cannot load weights" in r.stderr and "model.checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
