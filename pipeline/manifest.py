@@ -110,3 +110,54 @@ def write_manifest_if_complete(paths: list[str], settings, metadata: dict) -> bo
     path = write_manifest(settings.output.dir, content)
     log.info("all %d shards done; wrote %s", content["shards"], path)
     return True
+
+
+def rank_metrics(out_dir: str) -> list[dict]:
+    folder = os.path.join(out_dir, "metrics")
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank-") and name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                found.append(json.load(f))
+    return found
+
+
+def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tuple[bool, str, dict]:
+    """Every key of every input shard exactly once? Returns (complete, printable table, manifest)."""
+    reports = check_output(paths, out_dir, cache_dir, read_keys=True)
+    ranks = rank_metrics(out_dir)
+    metadata = {}
+    done = [r for r in reports if r.state == "done"]
+    if done:
+        from pipeline.writer import read_run_metadata
+
+        metadata = read_run_metadata(os.path.join(out_dir, f"{done[0].name}.parquet"))
+    content = manifest(reports, metadata)
+    by_state = collections.Counter(r.state for r in reports)
+    statuses = collections.Counter()
+    for r in reports:
+        statuses.update(r.status_counts)
+    lines = [
+        f"shards   {len(reports)}: done {by_state['done']}, incomplete {by_state['incomplete']}, "
+        f"missing {by_state['missing']}, failed (unreadable input) {by_state['unreadable_input']}",
+        f"rows     {sum(r.rows for r in reports)} for {sum(r.expected or 0 for r in reports)} input samples",
+        "status   " + (", ".join(f"{k}={v}" for k, v in sorted(statuses.items())) or "-"),
+    ]
+    for r in reports:
+        if r.state != "done":
+            lines.append(f"  {r.state:<17} {r.name}: {r.reason}")
+        if r.missing_keys:
+            lines.append(f"  missing keys      {r.name}: {', '.join(r.missing_keys[:10])}"
+                         + (" …" if len(r.missing_keys) > 10 else ""))
+        if r.duplicate_keys:
+            lines.append(f"  duplicate keys    {r.name}: {', '.join(r.duplicate_keys[:10])}"
+                         + (" …" if len(r.duplicate_keys) > 10 else ""))
+    if ranks:
+        images = sum(m.get("images", 0) for m in ranks)
+        rate = sum(m.get("sustained_images_per_sec", 0) for m in ranks)
+        lines.append(f"ranks    {len(ranks)} reported: {images} images scored in their last runs, "
+                     f"{rate:.1f} images/s summed over ranks")
+    lines.append("complete" if content["complete"] else "NOT complete")
+    return content["complete"], "\n".join(lines), content

@@ -1,0 +1,31 @@
+"""python -m jobs.verify data.shards=… output.dir=…: is every input sample in the output exactly once?
+
+Takes the same overrides as jobs.score; exits 0 only when the output is complete (and then writes
+`_SUCCESS` if no rank has yet).
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobs._entry import run_job, to_plain
+from pipeline.errors import UserError
+from pipeline.manifest import SUCCESS, verify, write_manifest
+from pipeline.shards import expand_shards
+
+
+def main(cfg) -> int:
+    config = to_plain(cfg)
+    out_dir = config["output"]["dir"]
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output.dir {out_dir} does not exist")
+    paths = expand_shards(config["data"]["shards"])
+    complete, table, content = verify(paths, out_dir, config["data"].get("index_cache_dir"))
+    print(table, flush=True)
+    if complete and not os.path.exists(os.path.join(out_dir, SUCCESS)):
+        write_manifest(out_dir, content)
+    return 0 if complete else 1
+
+
+if __name__ == "__main__":
+    run_job(main)
