@@ -7,6 +7,7 @@ code whichever decoder produced the pixels.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +29,17 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+
+    # The geometry is DALI's (round the long side, round the crop origin half up), written out so the
+    # torch back-end and the tests' reference put every pixel in the same place.
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.resize_size / min(height, width)
+        if height <= width:
+            return self.resize_size, max(self.resize_size, round(width * scale))
+        return max(self.resize_size, round(height * scale)), self.resize_size
+
+    def crop_origin(self, height: int, width: int) -> tuple[int, int]:
+        return (math.floor((height - self.crop_size) / 2 + 0.5), math.floor((width - self.crop_size) / 2 + 0.5))
 
 
 class BatchAssembler:

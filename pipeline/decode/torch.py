@@ -119,8 +119,10 @@ class ShardSamples(IterableDataset):
     def _transform(self, data: bytes) -> torch.Tensor:
         p = self.preprocess
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        image = F.resize(image, [p.resize_size], interpolation=INTERP[p.interpolation], antialias=True)
-        return F.center_crop(image, [p.crop_size, p.crop_size])
+        height, width = p.resized_shape(*image.shape[-2:])
+        image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
+        top, left = p.crop_origin(height, width)
+        return F.crop(image, top, left, p.crop_size, p.crop_size)
 
 
 def group_by_key(files: Iterator[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
