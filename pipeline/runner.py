@@ -98,14 +98,14 @@ def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
     decoder_name = choose_decoder(settings.decoder, todo) if todo else settings.decoder
     scorer = Scorer(loaded.module, batch_size, m.topk, settings.output.save_logits, device, settings.oom, context)
     meter = Meter(sum(s.count for s in todo), device, settings.progress)
-    exit_code, stopped_by, fallbacks = EXIT_OK, None, 0
+    exit_code, stopped_by, fallbacks, fatal = EXIT_OK, None, 0, None
     try:
         with StopSignals() as signals:
             if todo:
                 stopped_by, fallbacks = _stream(todo, decoder_name, settings, batch_size, device, dtype, scorer, writer,
                                      meter, signals)
-    except OutOfMemoryAtOneRow as e:
-        log.error("%s", e)
+    except OutOfMemoryAtOneRow as e:  # re-raised once the metrics are written
+        fatal = e
         exit_code = EXIT_FAILED
     finally:
         meter.close()
@@ -139,6 +139,8 @@ def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
     }
     path = write_metrics(settings.output.dir, rank, metrics)
     log.info("metrics=%s", path)
+    if fatal is not None:
+        raise fatal
     if exit_code == EXIT_OK:
         write_manifest_if_complete(all_paths, settings, metadata)
     return exit_code
