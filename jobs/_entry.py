@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -34,15 +35,12 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dic
 
 def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> None:
     """Run `task` under Hydra and exit with its code (2 for user errors, before any work)."""
-    real_stderr = sys.stderr
-    held = io.StringIO()
     started = False
 
-    def main(cfg: DictConfig) -> int:
+    def main(cfg: DictConfig) -> int:  # runs here, or pickled into a Slurm job by the Hydra launcher
         nonlocal started
         started = True
-        sys.stderr = real_stderr
-        real_stderr.write(held.getvalue())
+        _release_stderr()
         try:
             code = task(cfg)
         except UserError as e:
@@ -56,25 +54,63 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
         sys.exit(code)
 
     sys.argv[1:] = [quote_brace_pattern(a) for a in sys.argv[1:]]
-    sys.stderr = held
+    _hold_stderr()
     try:
         hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(main)()
     except SystemExit as e:
         if not started and e.code:
-            sys.stderr = real_stderr
-            _fail(f"error: {_condense(held.getvalue())}", EXIT_USER_ERROR)
+            _fail(f"error: {_condense(_release_stderr(echo=False))}", EXIT_USER_ERROR)
         raise
     except Exception as e:  # Hydra failed to set the run up, e.g. output.dir missing for hydra.run.dir
         if started:
             raise
-        sys.stderr = real_stderr
+        _release_stderr(echo=False)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "Missing mandatory value" in message:
             key = message.rsplit(":", 1)[-1].strip()
             message = f"{key} is required: add {key}=… to the command line"
         _fail(f"error: {message}", EXIT_USER_ERROR)
     finally:
-        sys.stderr = real_stderr
+        _release_stderr(echo=False)
+
+
+# (real stderr, buffer) while Hydra sets the run up. Module state rather than closure variables, so
+# the task function stays picklable for the Slurm launcher; in a launched job there is nothing held.
+_held_stderr: tuple | None = None
+
+
+def _hold_stderr() -> None:
+    global _held_stderr
+    _held_stderr = (sys.stderr, io.StringIO())
+    sys.stderr = _held_stderr[1]
+
+
+def _release_stderr(echo: bool = True) -> str:
+    """Put stderr back; with echo, print what was held. Returns the held text."""
+    global _held_stderr
+    if _held_stderr is None:
+        return ""
+    (real, buffer), _held_stderr = _held_stderr, None
+    sys.stderr = real
+    if echo:
+        real.write(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def launched_by_slurm_launcher() -> bool:
+    """True in a job that Hydra's Slurm launcher (conf/hydra/launcher/slurm.yaml) submitted for one run."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _multirun()
+
+
+def requeue_with_launcher() -> None:
+    """Hand a run that stopped on USR1 to the launcher's own preemption handler (slurm.yaml makes USR1
+    its signal): it resubmits the same run, requeues the job and exits; the requeued run resumes."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler):
+        raise RuntimeError("stopped by USR1, but the launcher does not handle USR1: "
+                           "use hydra/launcher=slurm (it sets SUBMITIT_PREEMPT_SIGNAL=USR1)")
+    logging.getLogger(__name__).warning("stopped by USR1: requeueing this run through the launcher")
+    handler(signal.SIGUSR1, None)
 
 
 def quote_brace_pattern(arg: str) -> str:

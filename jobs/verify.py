@@ -23,7 +23,7 @@ def main(cfg) -> int:
     complete, table, content = verify(paths, out_dir, config["data"].get("index_cache_dir"))
     print(table, flush=True)
     if complete and not os.path.exists(os.path.join(out_dir, SUCCESS)):
-        write_manifest(out_dir, content)
+        write_manifest(out_dir, content)  # no rank got to it (e.g. the last one was killed after its commit)
     return 0 if complete else 1
 
 

@@ -71,14 +71,28 @@ def empty_cache(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """CUDA: reset max allocated. CPU (Linux): reset the process's peak RSS, so each measurement has its own."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process life
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset. CPU: the process's peak RSS (never resets)."""
+    """CUDA: max allocated since the last reset. CPU: peak RSS since the last reset (Linux), else of the process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

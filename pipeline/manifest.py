@@ -20,6 +20,7 @@ from pipeline.shards import open_shard, read_index
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -74,42 +75,58 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def manifest(reports: list[ShardReport], metadata: dict) -> dict:
+def manifest(reports: list[ShardReport], metadata: dict, failed_by_ranks: dict[str, str] | None = None) -> dict:
+    """The run's state; shards a rank reported as failed while reading count as failed, not remaining."""
     statuses = collections.Counter()
     for r in reports:
         statuses.update(r.status_counts)
+    failed = {r.name: r.reason for r in reports if r.state == "unreadable_input"}
+    for r in reports:
+        if r.state == "missing" and r.name in (failed_by_ranks or {}):
+            failed[r.name] = failed_by_ranks[r.name]
     return {
         "complete": all(r.state == "done" for r in reports),
         "shards": len(reports),
         "shards_done": sum(r.state == "done" for r in reports),
         "rows": sum(r.rows for r in reports if r.state == "done"),
         "errors": {k: v for k, v in statuses.items() if k != "ok"},
-        "failed": {r.name: r.reason for r in reports if r.state == "unreadable_input"},
-        "remaining": [r.name for r in reports if r.state in ("missing", "incomplete")],
+        "failed": failed,
+        "remaining": [r.name for r in reports if r.state in ("missing", "incomplete") and r.name not in failed],
         "model": metadata.get("model"), "precision": metadata.get("precision"),
         "config_hash": config_hash(metadata.get("config") or {}),
     }
 
 
 def write_manifest(out_dir: str, content: dict) -> str:
-    path = os.path.join(out_dir, SUCCESS)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """`manifest.json` always (a snapshot of the run's state); `_SUCCESS` too when the output is complete."""
+    names = [MANIFEST] + ([SUCCESS] if content["complete"] else [])
+    for name in names:
+        path = os.path.join(out_dir, name)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(content, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
     return path
 
 
-def write_manifest_if_complete(paths: list[str], settings, metadata: dict) -> bool:
-    """Whichever rank finds every shard of the run done writes `_SUCCESS`."""
-    reports = check_output(paths, settings.output.dir, settings.data.index_cache_dir)
-    content = manifest(reports, metadata)
-    if not content["complete"]:
-        log.info("output not complete yet: %d of %d shards done", content["shards_done"], content["shards"])
-        return False
-    path = write_manifest(settings.output.dir, content)
-    log.info("all %d shards done; wrote %s", content["shards"], path)
-    return True
+def failed_by_ranks(out_dir: str) -> dict[str, str]:
+    failed = {}
+    for metrics in rank_metrics(out_dir):
+        failed.update(metrics.get("shards_failed") or {})
+    return failed
+
+
+def update_manifest(paths: list[str], out_dir: str, cache_dir: str | None, metadata: dict) -> dict:
+    """Called by every rank at its end: whichever finds every shard done writes `_SUCCESS`."""
+    reports = check_output(paths, out_dir, cache_dir)
+    content = manifest(reports, metadata, failed_by_ranks(out_dir))
+    path = write_manifest(out_dir, content)
+    if content["complete"]:
+        log.info("all %d shards done; wrote %s", content["shards"], path)
+    else:
+        log.info("output not complete: %d of %d shards done, %d failed", content["shards_done"],
+                 content["shards"], len(content["failed"]))
+    return content
 
 
 def rank_metrics(out_dir: str) -> list[dict]:
@@ -134,7 +151,7 @@ def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tupl
         from pipeline.writer import read_run_metadata
 
         metadata = read_run_metadata(os.path.join(out_dir, f"{done[0].name}.parquet"))
-    content = manifest(reports, metadata)
+    content = manifest(reports, metadata, failed_by_ranks(out_dir))
     by_state = collections.Counter(r.state for r in reports)
     statuses = collections.Counter()
     for r in reports:

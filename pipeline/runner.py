@@ -19,7 +19,7 @@ from pipeline.autobatch import choose_batch_size
 from pipeline.batch import ShardFailure
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
-from pipeline.manifest import write_manifest_if_complete
+from pipeline.manifest import update_manifest
 from pipeline.meter import Meter, write_metrics
 from pipeline.model import load_model
 from pipeline.scorer import Scorer
@@ -114,7 +114,7 @@ def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
     print(f"scored {summary['images']} images in {summary['seconds']:.1f} s: "
           f"{summary['sustained_images_per_sec']:.1f} images/s sustained", flush=True)
     remaining = writer.incomplete()
-    if stopped_by:
+    if stopped_by and remaining:
         print(f"stopped by {stopped_by}: {len(remaining)} shard(s) remain; rerun with the same output.dir "
               "to resume", flush=True)
         exit_code = EXIT_REQUEUE
@@ -139,10 +139,9 @@ def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
     }
     path = write_metrics(settings.output.dir, rank, metrics)
     log.info("metrics=%s", path)
+    update_manifest(all_paths, settings.output.dir, settings.data.index_cache_dir, metadata)
     if fatal is not None:
         raise fatal
-    if exit_code == EXIT_OK:
-        write_manifest_if_complete(all_paths, settings, metadata)
     return exit_code
 
 

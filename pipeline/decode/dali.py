@@ -10,6 +10,7 @@ Device `mixed` (nvJPEG, output stays on the GPU) on CUDA, `cpu` otherwise: the s
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -142,21 +143,30 @@ class DaliDecoder:
         images: list[torch.Tensor | None] = [None] * len(rows)
         if not todo:
             return images
-        try:
-            for i, img in zip(todo, self._run_decode([encoded[i] for i in todo])):
-                images[i] = img
+        decoded = self._try_decode([encoded[i] for i in todo])
+        if decoded is not None:
+            for i, image in zip(todo, decoded):
+                images[i] = image
             return images
-        except RuntimeError:
-            pass  # retried below, outside the except block, one sample at a time
+        # DALI cannot skip one sample inside a batch: find the bad ones by decoding one at a time.
         self.fallbacks += 1
         log.warning("DALI batch failed to decode; decoding its %d images one at a time", len(todo))
         for i in todo:
-            try:
-                images[i] = self._run_decode([encoded[i]])[0]
-            except RuntimeError as e:
-                reason = one_line(str(e).split("Current pipeline object")[0].split("encountered:")[-1])
-                rows[i] = Row(rows[i].key, rows[i].shard, rows[i].label, "decode_error", reason)
+            decoded = self._try_decode([encoded[i]])
+            if decoded is None:
+                rows[i] = replace(rows[i], status="decode_error", error="corrupt or truncated image data (DALI)")
+            else:
+                images[i] = decoded[0]
         return images
+
+    def _try_decode(self, encoded: list[np.ndarray]) -> list[torch.Tensor] | None:
+        """None when DALI fails; the pipeline is rebuilt then, as a failed DALI pipeline is not reusable."""
+        try:
+            return self._run_decode(encoded)
+        except (RuntimeError, IndexError) as e:
+            log.debug("DALI decode failed: %s", one_line(e))
+        self._decode_pipe = self._build_decode_pipeline()
+        return None
 
     def _run_decode(self, encoded: list[np.ndarray]) -> list[torch.Tensor]:
         self._decode_pipe.feed_input("encoded", encoded)

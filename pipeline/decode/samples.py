@@ -59,8 +59,8 @@ def check_image(data, max_pixels: int) -> tuple[str, str | None]:
                 fmt = im.format
     except Image.DecompressionBombError as e:
         return "too_large", one_line(e)
-    except Exception as e:  # PIL raises many kinds for garbage; all mean the same here
-        return "decode_error", f"not a readable image: {one_line(e)}"
+    except Exception:  # PIL raises many kinds for garbage; all mean the same here
+        return "decode_error", "not a JPEG, PNG or WebP image (unrecognised bytes)"
     if fmt not in DECODABLE_FORMATS:
         return "unsupported_format", f"{fmt} image; supported: JPEG, PNG, WEBP"
     if width * height > max_pixels:

@@ -113,12 +113,15 @@ class ShardSamples(IterableDataset):
             return row, None
         try:
             return row, self._transform(image)
-        except Exception as e:
-            return replace(row, status="decode_error", error=one_line(e)), None
+        except Exception as e:  # torchvision's message starts with its source location: keep the reason
+            reason = one_line(e).rsplit(", ", 1)[-1]
+            return replace(row, status="decode_error", error=f"corrupt or truncated image data (torchvision: {reason})"), None
 
     def _transform(self, data: bytes) -> torch.Tensor:
         p = self.preprocess
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+            image = F.to_dtype(image, torch.uint8, scale=True)
         height, width = p.resized_shape(*image.shape[-2:])
         image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
         top, left = p.crop_origin(height, width)

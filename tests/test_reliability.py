@@ -1,0 +1,176 @@
+"""Nothing lost: bad samples become error rows, bad shards are reported, kills and signals resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, TINY, run_cli, small_jpegs
+from corrupt import write_corrupt_shard, write_good_only_shard
+from pipeline.errors import EXIT_REQUEUE
+from pipeline.pack import write_shards
+from pipeline.runner import score
+from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
+
+MAX_PIXELS = 300 * 300  # the fixture's "huge" image is 400×400
+
+
+def run_library(shard, out, decoder):
+    settings = ScoreSettings(
+        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out), save_logits=True),
+        model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
+        batch_size=8, precision="fp32", decoder=decoder, progress=False)
+    code = score(settings)
+    return code, pq.read_table(out / f"{os.path.basename(shard)[:-4]}.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_every_bad_sample_becomes_an_error_row(tmp_path, decoder):
+    expected = write_corrupt_shard(str(tmp_path / "bad.tar"))
+    write_good_only_shard(str(tmp_path / "good.tar"))
+    code, rows = run_library(str(tmp_path / "bad.tar"), tmp_path / "out-bad", decoder)
+    assert code == 0
+    assert [(r["key"], r["status"]) for r in rows] == expected
+    for r in rows:
+        assert (r["error"] is None) == (r["status"] == "ok")
+        assert (r["topk_index"] is None) == (r["status"] != "ok")  # error rows never carry model output
+        assert r["error"] is None or "\n" not in r["error"]
+    _, clean = run_library(str(tmp_path / "good.tar"), tmp_path / "out-good", decoder)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [r["key"] for r in ok] == [r["key"] for r in clean]
+    np.testing.assert_allclose([r["logits"] for r in ok], [r["logits"] for r in clean], atol=1e-2)
+    assert [r["topk_index"] for r in ok] == [r["topk_index"] for r in clean]
+
+
+def test_bad_shards_are_reported_and_the_rest_scored(shards, tmp_path):
+    truncated = tmp_path / "broken.tar"
+    data = open(shards[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    missing = tmp_path / "gone.tar"
+    out = tmp_path / "out"
+    r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[1]},{truncated},{missing}]", f"output.dir={out}")
+    assert r.returncode == 1
+    assert (out / "part-000001.parquet").exists()
+    assert not (out / "broken.parquet").exists() and not (out / "gone.parquet").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["failed"]) == {"broken", "gone"} and not manifest["complete"]
+    assert "truncated" in manifest["failed"]["broken"] and "no such file" in manifest["failed"]["gone"]
+    assert not (out / "_SUCCESS").exists()
+    assert "shard failed shard=" in r.stdout + r.stderr
+
+
+def test_a_shard_that_fails_while_being_read(shards, tmp_path):
+    """The index is fine but the data is not: the shard gets no Parquet, the others do."""
+    bad = tmp_path / "flipped.tar"
+    shutil.copy(shards[0], bad)
+    shutil.copy(shards[0][:-4] + ".idx", tmp_path / "flipped.idx")
+    with open(bad, "r+b") as f:  # destroy the second tar header: the reader loses its place
+        f.seek(512 * 2 + 1024 * 3)
+        f.write(b"\xff" * 1024)
+    out = tmp_path / "out"
+    r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[2]},{bad}]", f"output.dir={out}", "decoder=torch")
+    if r.returncode == 0:  # the damage fell inside image data: then it must be an error row, not a lost one
+        rows = pq.read_table(out / "flipped.parquet").to_pylist()
+        assert len(rows) == 9
+    else:
+        assert r.returncode == 1 and not (out / "flipped.parquet").exists()
+    assert (out / "part-000002.parquet").exists()
+
+
+@pytest.fixture(scope="module")
+def six_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("six")
+    return write_shards(small_jpegs(36, seed=5), str(out), shard_size=6, prefix="six")
+
+
+# Slow enough (224 px, batch 2) that the tests can catch the run between shards.
+SLOW = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1"]
+
+
+def start(six_shards, out):
+    pattern = os.path.join(os.path.dirname(six_shards[0]), "six-{000000..000005}.tar")
+    return subprocess.Popen([sys.executable, "-m", "jobs.score", *SLOW, f"data.shards={pattern}", f"output.dir={out}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def done_shards(out) -> int:
+    return len([p for p in os.listdir(out) if p.endswith(".parquet")]) if os.path.isdir(out) else 0
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def rows_of(out):
+    return sorted((r["shard"], r["key"], tuple(r["topk_index"]))
+                  for p in sorted(os.listdir(out)) if p.endswith(".parquet")
+                  for r in pq.read_table(os.path.join(out, p)).to_pylist())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(six_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    proc = start(six_shards, out)
+    assert proc.wait(timeout=600) == 0
+    return rows_of(out)
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 3])
+def test_sigkill_then_rerun_is_exactly_once(six_shards, uninterrupted, tmp_path, kill_after):
+    out = tmp_path / "out"
+    proc = start(six_shards, out)
+    if kill_after == 0:
+        assert wait_for(lambda: os.path.isdir(out / "logs"), proc)
+    else:
+        assert wait_for(lambda: done_shards(out) >= kill_after, proc)
+    proc.kill()
+    proc.wait()
+    assert done_shards(out) < 6, "the run finished before it could be killed"
+    rerun = start(six_shards, out)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, log[-2000:]
+    assert [p for p in os.listdir(out) if ".tmp-" in p] == []
+    assert rows_of(out) == uninterrupted
+    pattern = os.path.join(os.path.dirname(six_shards[0]), "six-{000000..000005}.tar")
+    verify = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}")
+    assert verify.returncode == 0, verify.stdout
+    assert "duplicate" not in verify.stdout and "missing  " not in verify.stdout
+
+
+def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    proc = start(six_shards, out)
+    assert wait_for(lambda: done_shards(out) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_REQUEUE, log[-2000:]
+    assert time.time() - sent < 15
+    assert "shard(s) remain" in log
+    stopped_at = done_shards(out)
+    assert 1 <= stopped_at < 6
+    for p in os.listdir(out):
+        if p.endswith(".parquet"):
+            assert pq.read_metadata(out / p).num_rows == 6  # complete shards only, never half of one
+    assert [p for p in os.listdir(out) if ".tmp-" in p] == []
+    metrics = json.loads((out / "metrics" / "rank-00000.json").read_text())
+    assert metrics["stopped_by"] == "SIGTERM" and len(metrics["shards_remaining"]) == 6 - stopped_at
+    rerun = start(six_shards, out)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, log[-2000:]
+    assert f"{stopped_at} shard(s) already complete" in log
+    assert rows_of(out) == uninterrupted
