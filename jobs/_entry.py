@@ -2,7 +2,8 @@
 
 Hydra's own messages for a bad override are several lines; until the task function starts, stderr is
 held back and condensed to one line, so `python -m jobs.score batch_size=` fails the same way as
-`batch_size=0` does.
+`batch_size=0` does. In a sweep (-m), a run's failure is raised for Hydra (and the Slurm launcher) to
+report instead; the command then exits 1.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import EXIT_FAILED, EXIT_USER_ERROR, OutOfMemoryAtOneRow, UserError
 
+SWEEP_RUN_FAILED = "Error executing job with overrides"  # how Hydra reports a failed run of a sweep
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dict:
     """The composed config as plain dicts, with every interpolation resolved and every ??? given."""
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        key = getattr(e, "full_key", None) or str(e)
-        raise UserError(f"{key} is required: add {key}=… to the command line") from None
-    return {k: v for k, v in plain.items() if k not in drop}
+    plain = {}
+    for key in cfg:
+        if key in drop:
+            continue
+        try:
+            node = cfg[key]
+            plain[key] = OmegaConf.to_container(node, resolve=True, throw_on_missing=True) \
+                if OmegaConf.is_config(node) else node
+        except MissingMandatoryValue as e:
+            missing = getattr(e, "full_key", None) or key
+            raise UserError(f"{missing} is required: add {missing}=… to the command line") from None
+    return plain
 
 
 def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> None:
@@ -41,16 +49,19 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
         nonlocal started
         started = True
         _release_stderr()
+        message = None
         try:
             code = task(cfg)
         except UserError as e:
-            _fail(f"error: {e}", EXIT_USER_ERROR)
+            code, message = EXIT_USER_ERROR, f"error: {e}"
         except OutOfMemoryAtOneRow as e:
-            _fail(f"error: {e}", EXIT_FAILED)
-        if _multirun():
+            code, message = EXIT_FAILED, f"error: {e}"
+        if _multirun():  # a run of a sweep reports through Hydra (and the launcher), never by exiting
             if code:
-                raise RuntimeError(f"run ended with exit code {code}")
+                raise RuntimeError(message or f"run ended with exit code {code}")
             return code
+        if message:
+            _fail(message, code)
         sys.exit(code)
 
     sys.argv[1:] = [quote_brace_pattern(a) for a in sys.argv[1:]]
@@ -59,7 +70,11 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
         hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(main)()
     except SystemExit as e:
         if not started and e.code:
-            _fail(f"error: {_condense(_release_stderr(echo=False))}", EXIT_USER_ERROR)
+            held = _release_stderr(echo=False)
+            if SWEEP_RUN_FAILED in held:  # a run of a sweep failed: Hydra's report says which, exit 1
+                sys.stderr.write(held)
+                sys.exit(EXIT_FAILED)
+            _fail(f"error: {_condense(held)}", EXIT_USER_ERROR)
         raise
     except Exception as e:  # Hydra failed to set the run up, e.g. output.dir missing for hydra.run.dir
         if started:

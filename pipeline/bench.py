@@ -1,5 +1,6 @@
 """`jobs.bench`: how fast is the model alone (mode=sweep), and how close does the whole job get to its
-ceilings (mode=e2e, in `pipeline.bench_e2e`)?
+ceilings (mode=e2e, measured in `pipeline.bench_e2e`)? Settings, the sweep, and both modes' tables,
+files and plots live here.
 
 The sweep times the model on fixed random inputs of the model's input size at batch 1, 2, 4 … for each
 precision, with `pipeline.autobatch`'s rules: warm-up excluded, median of several runs, the clock read
@@ -13,7 +14,7 @@ import gc
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -119,10 +120,10 @@ def run_sweep(settings: ScoreSettings, bench: BenchSettings) -> dict:
         best = max(ok, key=lambda p: p["images_per_sec"])["batch"] if ok else None
         report["precisions"].append({"precision": precision, "requested": requested, "recommended": chosen,
                                      "best_batch": best, "points": points})
+        verdict = (f"recommended batch_size={chosen} (smallest within {bench.tolerance:.0%} of the best images/s)"
+                   if chosen else "no batch size fits: out of memory at batch 1")
         print(f"\n{report['model']} {m.crop_size}px precision={precision} on {report['device']}:\n"
-              f"{format_table(points, chosen)}\n"
-              f"recommended batch_size={chosen} (smallest within {bench.tolerance:.0%} of the best images/s)",
-              flush=True)
+              f"{format_table(points, chosen)}\n{verdict}", flush=True)
     write_sweep(report, bench.out_dir)
     print(f"wrote {', '.join(os.path.join(bench.out_dir, f) for f in ('sweep.csv', 'sweep.json', 'sweep.png'))}",
           flush=True)
@@ -212,4 +213,45 @@ def plot_sweep(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["BenchSettings", "E2ESettings", "run_bench", "run_sweep", "asdict"]
+def format_e2e_table(report: dict) -> str:
+    lines = [f"{'variant':<12} | {'images/s':>9} | {'whole run':>9} | {'x score':>7} | per round"]
+    for name, v in report["variants"].items():
+        ratio = f"{v['ratio_to_score']:.2f}" if "ratio_to_score" in v else "-"
+        rounds = " ".join(f"{r['sustained_images_per_sec']:.1f}" for r in v["rounds"])
+        lines.append(f"{name:<12} | {v['images_per_sec']:>9.1f} | {v['whole_run_images_per_sec']:>9.1f} | "
+                     f"{ratio:>7} | {rounds}")
+    bound = report["bound"]
+    if bound:
+        ratio = f"{bound['ratio_to_score']:.2f}" if "ratio_to_score" in bound else "-"
+        lines.append(f"{'bound':<12} | {bound['images_per_sec']:>9.1f} | {'':>9} | {ratio:>7} | {bound['rule']}")
+    if report["score_to_bound"] is not None:
+        lines.append(f"jobs.score ({report['reference']}) reaches {report['score_to_bound']:.0%} of the "
+                     f"decode+model bound")
+    return "\n".join(lines)
+
+
+def plot_e2e(report: dict, path: str) -> None:
+    """One bar per variant (images/s, median; whiskers span the rounds), the bound as a dashed line."""
+    plt = pyplot()
+    names = list(report["variants"])
+    values = [report["variants"][n]["images_per_sec"] for n in names]
+    lows = [v - min(r["sustained_images_per_sec"] for r in report["variants"][n]["rounds"]) for n, v in zip(names, values)]
+    highs = [max(r["sustained_images_per_sec"] for r in report["variants"][n]["rounds"]) - v for n, v in zip(names, values)]
+    colors = ["tab:blue" if n.startswith("score_") else "tab:gray" if n.endswith("_only") else "tab:orange"
+              for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(names) + 1.6), dpi=100)
+    ax.barh(names, values, xerr=[lows, highs], color=colors, capsize=3)
+    for i, (v, high) in enumerate(zip(values, highs)):
+        ax.annotate(f"{v:.1f}", (v + high, i), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    if report["bound"]:
+        ax.axvline(report["bound"]["images_per_sec"], color="black", linestyle="--",
+                   label=f"bound {report['bound']['images_per_sec']:.1f} = {report['bound']['rule']}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (median over rounds)")
+    ax.set_title(f"{report['model']} {report['image_size']}px {report['precision']} batch {report['batch_size']}, "
+                 f"{report['images']} images, {report['device']}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

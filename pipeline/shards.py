@@ -153,10 +153,15 @@ def read_index(idx: str) -> list[IndexEntry]:
 
 
 def check_not_truncated(path: str, entries: list[IndexEntry]) -> None:
+    """A complete tar holds all its indexed data and ends with the two zero blocks of its end marker."""
     size = os.path.getsize(path)
     end = max((off + n for e in entries for off, n in e.components.values()), default=0)
     if end > size:
         raise ValueError(f"truncated tar: data runs to byte {end}, file has {size}")
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        if size < end + 1024 or f.read(1024).strip(b"\0"):
+            raise ValueError("truncated tar: no end-of-archive marker")
 
 
 def rank_from_env(dist) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from corrupt import write_corrupt_shard, write_good_only_shard
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.pack import write_shards
 from pipeline.runner import score
+from pipeline.shards import read_index
 from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
 
 MAX_PIXELS = 300 * 300  # the fixture's "huge" image is 400×400
@@ -69,21 +70,20 @@ def test_bad_shards_are_reported_and_the_rest_scored(shards, tmp_path):
 
 
 def test_a_shard_that_fails_while_being_read(shards, tmp_path):
-    """The index is fine but the data is not: the shard gets no Parquet, the others do."""
-    bad = tmp_path / "flipped.tar"
+    """The index is fine but a tar header inside is not: the shard gets no Parquet, the others do."""
+    bad = tmp_path / "damaged.tar"
     shutil.copy(shards[0], bad)
-    shutil.copy(shards[0][:-4] + ".idx", tmp_path / "flipped.idx")
-    with open(bad, "r+b") as f:  # destroy the second tar header: the reader loses its place
-        f.seek(512 * 2 + 1024 * 3)
-        f.write(b"\xff" * 1024)
+    shutil.copy(shards[0][:-4] + ".idx", tmp_path / "damaged.idx")  # newer than the tar: reused as is
+    header = read_index(str(tmp_path / "damaged.idx"))[4].components["jpg"][0] - 512
+    with open(bad, "r+b") as f:
+        f.seek(header)
+        f.write(b"\xff" * 512)
     out = tmp_path / "out"
     r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[2]},{bad}]", f"output.dir={out}", "decoder=torch")
-    if r.returncode == 0:  # the damage fell inside image data: then it must be an error row, not a lost one
-        rows = pq.read_table(out / "flipped.parquet").to_pylist()
-        assert len(rows) == 9
-    else:
-        assert r.returncode == 1 and not (out / "flipped.parquet").exists()
-    assert (out / "part-000002.parquet").exists()
+    assert r.returncode == 1
+    assert not (out / "damaged.parquet").exists() and (out / "part-000002.parquet").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "4 of the 9 samples" in manifest["failed"]["damaged"]
 
 
 @pytest.fixture(scope="module")

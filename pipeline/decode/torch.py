@@ -87,6 +87,7 @@ class ShardSamples(IterableDataset):
     def _chunks(self, shard: Shard):
         rows, positions, crops = [], [], []
         seen: set[str] = set()
+        produced = 0
         try:
             with open(shard.path, "rb") as stream:
                 for key, components in group_by_key(tar_file_iterator(stream, skip_meta=None)):
@@ -95,9 +96,12 @@ class ShardSamples(IterableDataset):
                         positions.append(len(rows))
                         crops.append(crop)
                     rows.append(row)
+                    produced += 1
                     if len(rows) == CHUNK_ROWS:
                         yield rows, positions, _stack(crops, self.preprocess.crop_size)
                         rows, positions, crops = [], [], []
+            if produced != shard.count:  # tarfile ends quietly at a damaged header
+                raise OSError(f"tar ended after {produced} of the {shard.count} samples its index lists")
         except Exception as e:  # a truncated or unreadable tar: the whole shard is failed
             log.error("shard failed shard=%s reason=%s", shard.path, one_line(e))
             yield ShardFailure(shard.name, one_line(e))

@@ -1,0 +1,107 @@
+"""Shard specs, index files, sample counts and the split across ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.settings import DistSettings
+from pipeline.shards import (assign_to_rank, expand_shards, index_path_for, open_shard, rank_from_env,
+                             read_index)
+
+
+def test_every_spec_form_expands_to_the_same_sorted_paths(shards, tmp_path):
+    folder = os.path.dirname(shards[0])
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# my shards\n" + "\n".join(reversed(shards)) + "\n\n")
+    forms = [
+        f"{folder}/part-{{000000..000002}}.tar",
+        f"{folder}/part-*.tar",
+        [shards[2], shards[0], f"{folder}/part-000001.tar"],
+        str(listing),
+    ]
+    for spec in forms:
+        assert expand_shards(spec) == shards, spec
+    assert expand_shards(shards[1]) == [shards[1]]
+
+
+def test_missing_shards_are_kept_so_they_are_reported(shards):
+    paths = expand_shards([shards[0], "/nonexistent/x.tar"])
+    assert "/nonexistent/x.tar" in paths
+    assert open_shard("/nonexistent/x.tar").error == "no such file"
+
+
+def test_nothing_matching_is_a_user_error():
+    with pytest.raises(UserError, match="matches no file"):
+        expand_shards("/nonexistent/{0..3}.tar")
+
+
+def test_same_name_in_two_folders_is_a_user_error(shards, tmp_path):
+    other = tmp_path / "part-000000.tar"
+    other.write_bytes(open(shards[0], "rb").read())
+    with pytest.raises(UserError, match="share the name"):
+        expand_shards([shards[0], str(other)])
+
+
+def test_index_counts_samples_and_keys(shards):
+    shard = open_shard(shards[0])
+    assert shard.count == 9 and shard.error is None
+    entries = read_index(shard.index_path)
+    assert [e.key for e in entries] == [f"{i:06d}" for i in range(9)]
+    assert set(entries[0].components) == {"jpg", "cls"}
+
+
+def test_index_is_created_when_missing_and_cached_elsewhere_for_read_only_folders(shards, tmp_path, monkeypatch):
+    copy = tmp_path / "ro" / "part.tar"
+    copy.parent.mkdir()
+    copy.write_bytes(open(shards[1], "rb").read())
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if (str(p) == str(copy.parent) and mode == os.W_OK)
+                        else real_access(p, mode))
+    shard = open_shard(str(copy), cache_dir=str(tmp_path / "cache"))
+    assert shard.count == 9
+    assert shard.index_path.startswith(str(tmp_path / "cache")) and os.path.exists(shard.index_path)
+    assert not (copy.parent / "part.idx").exists()
+    assert index_path_for(str(copy), str(tmp_path / "cache")) == shard.index_path
+
+
+def test_stale_index_is_rebuilt(shards, tmp_path):
+    tar = tmp_path / "s.tar"
+    tar.write_bytes(open(shards[2], "rb").read())
+    (tmp_path / "s.idx").write_text("v1.2 1\njpg 512 10 x.jpg\n")
+    os.utime(tmp_path / "s.idx", (0, 0))  # older than the tar
+    assert open_shard(str(tar)).count == 5
+
+
+def test_truncated_tar_is_a_failed_shard(shards, tmp_path):
+    tar = tmp_path / "t.tar"
+    data = open(shards[0], "rb").read()
+    tar.write_bytes(data[: len(data) // 3])
+    shard = open_shard(str(tar))
+    assert shard.count is None and "truncated" in shard.error
+
+
+def test_ranks_split_shards_disjointly_and_completely():
+    paths = [f"/d/{i:03d}.tar" for i in range(10)]
+    parts = [assign_to_rank(list(reversed(paths)), r, 3) for r in range(3)]
+    assert sorted(p for part in parts for p in part) == paths
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert parts[1] == assign_to_rank(paths, 1, 3)  # deterministic: any rank can be rerun alone
+
+
+def test_rank_from_slurm_array_and_tasks(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    assert rank_from_env(DistSettings()) == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert rank_from_env(DistSettings()) == (7, 8)
+    assert rank_from_env(DistSettings(rank=2, world_size=5)) == (2, 5)
+    with pytest.raises(UserError):
+        rank_from_env(DistSettings(rank=5, world_size=5))
