@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo
 
-.PHONY: install demo test test-fast slurm-up slurm-down bench clean
+.PHONY: install demo test test-fast test-slurm slurm-up slurm-down bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,23 @@ demo: install
 	$(PY) -m jobs.score data=sample output.dir=$(DEMO)/scores model.weights=null batch_size=64 output.overwrite=true
 	@echo "Parquet: $(DEMO)/scores/*.parquet   metrics: $(DEMO)/scores/metrics/rank-00000.json"
 
-# The whole suite, Slurm integration tests included (slurm/cluster.sh starts a one-node cluster).
+# The whole suite, Slurm integration tests included: tests/test_slurm.py starts its own one-node
+# cluster (slurm/cluster.sh, as root; own state folder and ports) and stops it at the end.
 test: install
 	$(PY) -m pytest -ra
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not slurm"
+
+test-slurm: install
+	$(PY) -m pytest -ra -m slurm
+
+# A cluster to try slurm/score.sbatch by hand: `make slurm-up`, then `. /tmp/shardscore-slurm/env.sh`.
+slurm-up:
+	bash slurm/cluster.sh start
+
+slurm-down:
+	bash slurm/cluster.sh stop
 
 clean:
 	rm -rf $(DEMO) outputs multirun .pytest_cache

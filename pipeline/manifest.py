@@ -171,10 +171,31 @@ def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tupl
         if r.duplicate_keys:
             lines.append(f"  duplicate keys    {r.name}: {', '.join(r.duplicate_keys[:10])}"
                          + (" …" if len(r.duplicate_keys) > 10 else ""))
-    if ranks:
-        images = sum(m.get("images", 0) for m in ranks)
-        rate = sum(m.get("sustained_images_per_sec", 0) for m in ranks)
-        lines.append(f"ranks    {len(ranks)} reported: {images} images scored in their last runs, "
-                     f"{rate:.1f} images/s summed over ranks")
+    lines += rank_summary(ranks)
     lines.append("complete" if content["complete"] else "NOT complete")
     return content["complete"], "\n".join(lines), content
+
+
+def rank_summary(ranks: list[dict]) -> list[str]:
+    """The ranks' last runs: how many of the world reported, which are silent, which stopped or failed."""
+    if not ranks:
+        return ["ranks    none reported yet (a rank writes its metrics when its run ends)"]
+    world = max(ranks, key=lambda m: m.get("finished_at", 0)).get("world_size", 1)
+    current = [m for m in ranks if m.get("world_size") == world]
+    images = sum(m.get("images", 0) for m in current)
+    rate = sum(m.get("sustained_images_per_sec", 0) for m in current)
+    lines = [f"ranks    {len(current)} of {world} reported: {images} images scored in their last runs, "
+             f"{rate:.1f} images/s summed over ranks"]
+    silent = sorted(set(range(world)) - {m.get("rank") for m in current})
+    if silent:
+        lines.append(f"  not reported      rank {', '.join(map(str, silent[:20]))}" + (" …" if len(silent) > 20 else ""))
+    for m in sorted(current, key=lambda m: m.get("rank", 0)):
+        if m.get("exit_code"):
+            why = f"stopped by {m['stopped_by']}" if m.get("stopped_by") else "failed"
+            lines.append(f"  exit code {m['exit_code']:<7} rank {m['rank']}: {why}, "
+                         f"{len(m.get('shards_remaining') or [])} shard(s) left, "
+                         f"{len(m.get('shards_failed') or {})} failed")
+    if len(current) < len(ranks):
+        lines.append(f"  ignored           {len(ranks) - len(current)} metrics file(s) of an earlier run "
+                     "with another world size")
+    return lines

@@ -41,6 +41,7 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self):
+        self._pid = os.getpid()
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -50,6 +51,8 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self._pid:  # a forked decoder worker (Slurm signals the whole step): not its call
+            return
         name = signal.Signals(signum).name
         if self.received:
             log.warning("second signal %s: exiting now", name)
@@ -60,7 +63,15 @@ class StopSignals:
 
 def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
     """Score this rank's shards; returns the exit code. UserError propagates before any image is read."""
-    return Runner(settings, resolved_config).run()
+    return score_and_report_stop(settings, resolved_config)[0]
+
+
+def score_and_report_stop(settings: ScoreSettings, resolved_config: dict | None = None) -> tuple[int, str | None]:
+    """(exit code, the signal that stopped the run or None). Signals are caught from the start, so a
+    stop during indexing or model loading also ends in EXIT_REQUEUE rather than a dead process."""
+    with StopSignals() as signals:
+        code = Runner(settings, resolved_config).run(signals)
+    return code, signals.received
 
 
 class Runner:
@@ -109,16 +120,16 @@ class Runner:
         writer.remove_stale_temporaries([s.name for s in readable])
         return writer
 
-    def run(self) -> int:
+    def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.shards if s.error is None]
         todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite)
         self.decoder_name = choose_decoder(self.settings.decoder, todo) if todo else self.settings.decoder
         meter = Meter(sum(s.count for s in todo), self.device, self.settings.progress)
         stopped_by, fallbacks, fatal = None, 0, None
         try:
-            with StopSignals() as signals:
-                if todo:
-                    stopped_by, fallbacks = self._stream(todo, meter, signals)
+            if todo and not signals.received:
+                stopped_by, fallbacks = self._stream(todo, meter, signals)
+            stopped_by = signals.received
         except OutOfMemoryAtOneRow as e:  # raised again once the metrics are written
             fatal = e
         finally:
