@@ -1,0 +1,147 @@
+"""jobs.bench: the sweep's tables, files and recommendation; injected OOM; the e2e variants over the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from pipeline import device as dev
+from pipeline.bench import BenchSettings, E2ESettings, resolve_precisions
+from pipeline.bench_e2e import select_shards, throughput_bound
+from pipeline.errors import UserError
+from pipeline.settings import DataSettings
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_sweep(out):
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows, json.loads((out / "sweep.json").read_text())
+
+
+def smallest_within(points, tolerance):
+    ok = [p for p in points if not p["oom"]]
+    best = max(p["images_per_sec"] for p in ok)
+    return min(p["batch"] for p in ok if p["images_per_sec"] >= (1 - tolerance) * best)
+
+
+def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path):
+    r = run_cli("jobs.bench", "mode=sweep", *TINY, "bench.max_batch_size=8", "bench.precisions=[fp32,bf16]",
+                "bench.repeats=2", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "batch |  ms/batch |  images/s |  peak MB" in r.stdout
+    rows, report = read_sweep(tmp_path)
+    assert [e["precision"] for e in report["precisions"]] == ["fp32", "bf16"]
+    for entry in report["precisions"]:
+        points = entry["points"]
+        assert [p["batch"] for p in points] == [1, 2, 4, 8]
+        assert all(not p["oom"] and p["images_per_sec"] > 0 and p["ms_per_batch"] > 0 and p["peak_mb"] > 0
+                   for p in points)
+        for p in points:  # the median of one run per pass; images/s is the batch over that time
+            assert len(p["ms_per_pass"]) == 2
+            assert p["ms_per_batch"] == pytest.approx(statistics.median(p["ms_per_pass"]), abs=1e-3)
+            assert p["images_per_sec"] == pytest.approx(p["batch"] * 1000 / p["ms_per_batch"], rel=0.01)
+        assert entry["recommended"] == smallest_within(points, report["tolerance"])
+        assert entry["best_batch"] == max(points, key=lambda p: p["images_per_sec"])["batch"]
+        flagged = [int(row["batch"]) for row in rows if row["precision"] == entry["precision"]
+                   and row["recommended"] == "True"]
+        assert flagged == [entry["recommended"]]
+        chosen_line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith(f"{entry['recommended']} |")
+                           and "<- chosen" in ln)
+        assert chosen_line
+    assert len(rows) == 8
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_marks_the_first_oom_and_finishes(tmp_path):
+    r = run_cli("jobs.bench", "mode=sweep", *TINY, "oom.inject_above=4", "bench.max_batch_size=16",
+                "bench.precisions=[fp32]", "bench.repeats=1", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, report = read_sweep(tmp_path)
+    (entry,) = report["precisions"]
+    # 8 rows run out of memory; 16 is never tried.
+    assert [(p["batch"], p["oom"]) for p in entry["points"]] == [(1, False), (2, False), (4, False), (8, True)]
+    assert entry["recommended"] in (1, 2, 4)
+    assert [(row["batch"], row["oom"], row["images_per_sec"]) for row in rows][-1] == ("8", "True", "")
+    assert any(ln.split("|")[0].strip() == "8" and "OOM" in ln for ln in r.stdout.splitlines())
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_e2e_runs_every_variant_over_the_same_images(shards, tmp_path):
+    r = run_cli("jobs.bench", "mode=e2e", *TINY, f"data.shards=[{','.join(shards)}]", "batch_size=4",
+                "bench.e2e.images=10", "bench.e2e.rounds=2", "bench.e2e.workers=1", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    # 10 images asked: the leading whole shards that hold them, 9 + 9.
+    assert report["images"] == 18 and report["shards"] == [os.path.abspath(p) for p in shards[:2]]
+    assert report["batch_size"] == 4 and report["precision"] == "fp32"
+    variants = report["variants"]
+    assert list(variants) == ["naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only"]
+    for name, v in variants.items():
+        assert v["images"] == 18 and all(r["images"] == 18 for r in v["rounds"]), name
+        assert v["images_per_sec"] > 0 and v["whole_run_images_per_sec"] > 0, name
+        assert len(v["rounds"]) == 2, name
+        assert v["ratio_to_score"] == pytest.approx(v["images_per_sec"] / variants["score_dali"]["images_per_sec"],
+                                                    abs=1e-3)
+    decode, model = variants["decode_only"]["images_per_sec"], variants["model_only"]["images_per_sec"]
+    bound = report["bound"]
+    assert bound["rule"] == "1/(1/decode + 1/model)"
+    assert bound["images_per_sec"] == pytest.approx(1 / (1 / decode + 1 / model), abs=0.01)
+    assert report["score_to_bound"] == pytest.approx(variants["score_dali"]["images_per_sec"]
+                                                     / bound["images_per_sec"], abs=1e-3)
+    for name in variants:
+        assert any(ln.startswith(name) for ln in r.stdout.splitlines()), name
+    assert "of the decode+model bound" in r.stdout
+    assert (tmp_path / "e2e.png").read_bytes()[:8] == PNG_MAGIC
+    assert os.listdir(tmp_path / "runs") == []  # every jobs.score run's output folder is removed
+
+
+def test_bad_mode_is_a_user_error(tmp_path):
+    r = run_cli("jobs.bench", "mode=train", *TINY, f"bench.out_dir={tmp_path}")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: mode must be one of sweep|e2e")
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"precisions": ("fp8",)}, "bench.precisions"),
+    ({"precisions": ()}, "bench.precisions"),
+    ({"repeats": 0}, "bench.repeats"),
+    ({"tolerance": 1.0}, "bench.tolerance"),
+])
+def test_bad_bench_settings(values, expected):
+    with pytest.raises(UserError, match=expected):
+        BenchSettings(out_dir="/tmp/x", **values)
+
+
+def test_e2e_settings_reject_unknown_variant():
+    with pytest.raises(UserError, match="bench.e2e.variants"):
+        E2ESettings(variants=("naive", "pillow"))
+
+
+@pytest.mark.parametrize("has_bf16, expected", [
+    (False, {"fp32": ["fp32", "auto"]}),
+    (True, {"fp32": ["fp32"], "bf16": ["auto"]}),
+])
+def test_auto_precision_is_measured_once(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(dev, "cpu_has_bf16", lambda: has_bf16)
+    assert resolve_precisions(["fp32", "auto"], torch.device("cpu")) == expected
+
+
+def test_bound_shares_the_cpu_and_overlaps_on_cuda():
+    assert throughput_bound(100.0, 100.0, torch.device("cpu")) == pytest.approx(50.0)
+    assert throughput_bound(300.0, 150.0, torch.device("cpu")) == pytest.approx(100.0)
+    assert throughput_bound(300.0, 150.0, torch.device("cuda")) == 150.0
+
+
+@pytest.mark.parametrize("images, count", [(None, 3), (1, 1), (9, 1), (10, 2), (18, 2), (19, 3), (1000, 3)])
+def test_e2e_takes_leading_whole_shards(shards, images, count):
+    chosen = select_shards(DataSettings(shards=list(shards)), images)
+    assert [s.path for s in chosen] == [os.path.abspath(p) for p in shards[:count]]
