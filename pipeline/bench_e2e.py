@@ -85,6 +85,11 @@ def run_e2e(settings: ScoreSettings, bench: BenchSettings) -> dict:
           f"batch_size={run.batch_size} images={run.images} shards={len(run.shards)} device={dev.describe(run.device)} "
           f"loader.threads={settings.loader.threads} loader.prefetch={settings.loader.prefetch} "
           f"workers={run.workers} rounds={bench.e2e.rounds}", flush=True)
+    padding = -run.images % run.batch_size
+    if padding:
+        log.warning("images=%d is not a multiple of batch_size=%d: the job and model_only pad their last batch "
+                    "with %d rows the model still computes; naive and dataloader do not", run.images,
+                    run.batch_size, padding)
     # Warm-up pass: page cache, DALI start-up; its Batches are model_only's pre-decoded input.
     _, run.decoded = decode_only(run, choose_decoder("auto", run.shards), keep="model_only" in variants)
     results: dict[str, list[dict]] = {name: [] for name in variants}
@@ -247,14 +252,9 @@ def dataloader(run: E2ERun) -> dict:
     return meter.summary()
 
 
-VARIANTS = {
-    "naive": naive,
-    "dataloader": dataloader,
-    "score_dali": functools.partial(score_variant, decoder="dali"),
-    "score_torch": functools.partial(score_variant, decoder="torch"),
-    "decode_only": lambda run: decode_only(run)[0],
-    "model_only": model_only,
-}
+VARIANTS = {"naive": naive, "dataloader": dataloader, "score_dali": functools.partial(score_variant, decoder="dali"),
+            "score_torch": functools.partial(score_variant, decoder="torch"),
+            "decode_only": lambda run: decode_only(run)[0], "model_only": model_only}
 
 
 def throughput_bound(decode: float, model: float, device: torch.device) -> float:

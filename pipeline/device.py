@@ -39,8 +39,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if name == "fp16" and device.type == "cpu":
-        log.warning("precision=fp16 on CPU runs but is very slow; precision=bf16 is the fast choice there")
+    if device.type == "cpu" and name != "fp32" and not (name == "bf16" and cpu_has_bf16()):
+        log.warning("precision=%s on this CPU has no native kernels: it runs several times slower than fp32 "
+                    "(docs/BENCHMARKS.md); precision=auto picks %s here", name, resolve_precision("auto", device))
     return name
 
 
