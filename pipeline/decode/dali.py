@@ -56,6 +56,9 @@ class DaliDecoder:
 
     def stop(self) -> None:
         self._background.stop()
+        # The decoder and its thread refer to each other; left to the cycle collector, a DALI pipeline
+        # can be destroyed inside a process forked later (a DataLoader worker) and hang there.
+        self._decode_pipe = None
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
         self._decode_pipe = self._build_decode_pipeline()
