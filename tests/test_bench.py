@@ -12,8 +12,9 @@ import torch
 
 from conftest import TINY, run_cli
 from pipeline import device as dev
-from pipeline.bench import BenchSettings, E2ESettings, resolve_precisions
-from pipeline.bench_e2e import select_shards, throughput_bound
+from pipeline.bench import BenchSettings, E2ESettings
+from pipeline.bench.sweep import resolve_precisions
+from pipeline.bench.e2e import select_shards, throughput_bound
 from pipeline.errors import UserError
 from pipeline.settings import DataSettings
 

@@ -34,7 +34,8 @@ from PIL import Image
 from pipeline import device as dev
 from pipeline.autobatch import choose_batch_size
 from pipeline.batch import Batch, ShardFailure
-from pipeline.bench import BenchSettings, format_e2e_table, plot_e2e, write_json
+from pipeline.bench import BenchSettings
+from pipeline.bench.report import format_e2e_table, plot_e2e, write_json
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.errors import EXIT_OK, UserError
 from pipeline.meter import Meter

@@ -1,0 +1,213 @@
+"""mode=overhead: the pipeline's own cost per row and per shard, with decoding and the model made nearly free.
+
+Per row: `shards` × `samples_per_shard` tiny JPEGs (+cls) and a TorchScript model that costs almost
+nothing (average-pool → flatten → Linear(3, 1000)), resize = crop = the image size. The job's sustained
+images/s is then its own ceiling on a GPU node, where nvJPEG and the model take the rest off the host:
+reading, header checks, batching, Parquet. Beside it, `bare_loop` is the floor of any Python loop over
+the same tars: tarfile reads every member and PIL opens every image's header, nothing more.
+
+Per shard: the same rows as few big shards and as many small ones, each a whole `jobs.score` process
+from index creation to the completion record; (wall(many) − wall(few)) / (many − few) is what one more
+shard costs. Every run is its own process (as a user runs it), rounds interleave the variants, and the
+report gives medians. Peak RSS per process comes from wait4.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.bench import BenchSettings
+from pipeline.bench.report import format_overhead_table, write_json
+from pipeline.pack import encode_jpeg, synthetic_image, write_shards
+from pipeline.settings import ScoreSettings
+
+log = logging.getLogger(__name__)
+
+
+def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
+    o = bench.overhead
+    root = os.path.join(bench.out_dir, "overhead")
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    model = free_model(os.path.join(root, "free-model.pt"))
+    rows_dir = tiny_shards(os.path.join(root, f"rows-{o.shards}x{o.samples_per_shard}-{o.image_size}px"),
+                           o.shards, o.samples_per_shard, o.image_size)
+    job = JobRunner(root, model, o, settings)
+    rows: dict[str, list[dict]] = {v: [] for v in o.variants}
+    shard_cost: dict[str, list[dict]] = {}
+    layouts = {}
+    if o.shard_cost:
+        for count in o.shard_cost_layouts:
+            layouts[count] = tiny_shards(os.path.join(root, f"shards-{count}x{o.shard_cost_rows // count}"),
+                                         count, o.shard_cost_rows // count, o.image_size)
+    print(f"mode=overhead: {o.shards} shards x {o.samples_per_shard} rows of {o.image_size}px JPEGs, "
+          f"batch_size={o.batch_size}, {o.rounds} rounds; cpu={cpu_flags()}", flush=True)
+    for r in range(o.rounds):
+        order = list(o.variants)[r % len(o.variants):] + list(o.variants)[: r % len(o.variants)]
+        for name in order:
+            result = bare_loop(rows_dir) if name == "bare_loop" else job.rows(rows_dir, name.split("_", 1)[1], r)
+            rows[name].append(result)
+            print(f"round={r + 1}/{o.rounds} variant={name} rows_per_sec={result['rows_per_sec']:.0f}", flush=True)
+        for count, folder in layouts.items():
+            for decoder in ("dali", "torch"):
+                result = job.whole_process(folder, decoder, f"shards{count}-{decoder}-{r}")
+                shard_cost.setdefault(f"{decoder}/{count}", []).append(result)
+                print(f"round={r + 1}/{o.rounds} shards={count} decoder={decoder} wall={result['wall_seconds']:.2f}s "
+                      f"peak_rss={result['peak_rss_mb']:.0f}MB", flush=True)
+    report = summarise(o, rows, shard_cost)
+    print(format_overhead_table(report), flush=True)
+    path = os.path.join(bench.out_dir, "overhead.json")
+    write_json(report, path)
+    print(f"wrote {path}", flush=True)
+    return report
+
+
+def summarise(o, rows: dict[str, list[dict]], shard_cost: dict[str, list[dict]]) -> dict:
+    report = {"mode": "overhead", "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(), "rounds": o.rounds,
+              "shards": o.shards, "samples_per_shard": o.samples_per_shard, "image_size": o.image_size,
+              "batch_size": o.batch_size, "extra": list(o.extra), "variants": {}, "shard_cost": {}}
+    for name, results in rows.items():
+        report["variants"][name] = {"rows_per_sec": round(statistics.median(r["rows_per_sec"] for r in results)),
+                                    "rounds": results}
+    few, many = sorted(o.shard_cost_layouts)
+    for decoder in ("dali", "torch"):
+        if f"{decoder}/{few}" not in shard_cost:
+            continue
+        a, b = shard_cost[f"{decoder}/{few}"], shard_cost[f"{decoder}/{many}"]
+        wall_few = statistics.median(r["wall_seconds"] for r in a)
+        wall_many = statistics.median(r["wall_seconds"] for r in b)
+        report["shard_cost"][decoder] = {
+            "few": few, "many": many, "rows": o.shard_cost_rows,
+            "wall_seconds_few": round(wall_few, 3), "wall_seconds_many": round(wall_many, 3),
+            "ms_per_extra_shard": round((wall_many - wall_few) * 1000 / (many - few), 2),
+            "peak_rss_mb_few": round(statistics.median(r["peak_rss_mb"] for r in a)),
+            "peak_rss_mb_many": round(statistics.median(r["peak_rss_mb"] for r in b)),
+            "rounds": {"few": a, "many": b},
+        }
+    return report
+
+
+class JobRunner:
+    """Runs `python -m jobs.score` over tiny shards with the free model, as its own process."""
+
+    def __init__(self, root: str, model: str, o, settings: ScoreSettings):
+        self.root, self.model, self.o = root, model, o
+        self.loader = [f"loader.threads={settings.loader.threads}", f"loader.prefetch={settings.loader.prefetch}"]
+
+    def args(self, folder: str, out: str, decoder: str) -> list[str]:
+        o = self.o
+        return [f"data.shards='{folder}/*.tar'", f"output.dir={out}", f"model.path={self.model}",
+                f"model.resize_size={o.image_size}", f"model.crop_size={o.image_size}", f"batch_size={o.batch_size}",
+                "precision=fp32", "device=cpu", f"decoder={decoder}", "progress=false", *self.loader, *o.extra]
+
+    def run(self, args: list[str], name: str) -> tuple[float, float]:
+        """(wall seconds, peak RSS MB) of one jobs.score process; raises when it fails."""
+        log_path = os.path.join(self.root, "logs", f"{name}.log")
+        with open(log_path, "w") as out:
+            start = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=self.root)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"jobs.score ({name}) ended with exit code {proc.returncode}; see {log_path}")
+        return wall, usage.ru_maxrss / 1024
+
+    def rows(self, folder: str, decoder: str, round_: int) -> dict:
+        out = os.path.join(self.root, f"out-{decoder}")
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = self.run(self.args(folder, out, decoder), f"rows-{decoder}-{round_}")
+        metrics = read_rank_metrics(out)
+        return {"rows_per_sec": metrics["sustained_images_per_sec"], "rows": metrics["images"],
+                "whole_run_rows_per_sec": metrics["images_per_sec"], "wall_seconds": round(wall, 3),
+                "peak_rss_mb": round(rss), "time_split_seconds": metrics.get("time_split_seconds")}
+
+    def whole_process(self, folder: str, decoder: str, name: str) -> dict:
+        """One run from scratch: index files removed first, a fresh output folder."""
+        for idx in glob.glob(os.path.join(folder, "*.idx")):
+            os.remove(idx)
+        out = os.path.join(self.root, f"out-{name}")
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = self.run(self.args(folder, out, decoder), name)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"wall_seconds": round(wall, 3), "peak_rss_mb": round(rss)}
+
+
+def read_rank_metrics(out: str) -> dict:
+    for folder in ("_metrics", "metrics"):
+        path = os.path.join(out, folder, "rank-00000.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    raise RuntimeError(f"no rank metrics under {out}")
+
+
+def bare_loop(folder: str) -> dict:
+    """The floor of a Python loop: tarfile reads each member, PIL opens each image's header."""
+    rows, start = 0, time.perf_counter()
+    for path in sorted(glob.glob(os.path.join(folder, "*.tar"))):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".jpg"):
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.size  # noqa: B018 (the header is parsed here)
+                    rows += 1
+    seconds = time.perf_counter() - start
+    return {"rows_per_sec": rows / seconds, "rows": rows, "wall_seconds": round(seconds, 3)}
+
+
+def tiny_shards(folder: str, shards: int, per_shard: int, size: int) -> str:
+    """`shards` shards of `per_shard` size×size JPEGs with a cls label each, made once and reused."""
+    done = os.path.join(folder, ".complete")
+    if os.path.exists(done):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    pool = [encode_jpeg(synthetic_image(rng, size, size)) for _ in range(64)]
+    samples = ((f"{i:08d}", {"jpg": pool[i % len(pool)], "cls": str(i % 1000).encode()})
+               for i in range(shards * per_shard))
+    write_shards(samples, folder, per_shard, "tiny")
+    open(done, "w").close()
+    return folder
+
+
+class FreeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(3, 1000)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def free_model(path: str) -> str:
+    torch.manual_seed(0)
+    torch.jit.script(FreeModel().eval()).save(path)
+    return path
+
+
+def cpu_flags() -> str:
+    """The CPU's vector extensions that matter for these figures (they differ between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    wanted = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")]
+    return " ".join(wanted) or "no avx2"

@@ -1,0 +1,109 @@
+"""What the benchmark modes print and draw: tables, JSON files and matplotlib plots."""
+
+from __future__ import annotations
+
+import json
+
+
+def write_json(data: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg back-end (no display on a compute node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(report: dict, path: str) -> None:
+    """images/s against batch size (log2), one line per precision; the recommendation starred, OOM crossed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    sizes = sorted({p["batch"] for e in report["precisions"] for p in e["points"]})
+    for entry in report["precisions"]:
+        ok = [p for p in entry["points"] if not p["oom"]]
+        line, = ax.plot([p["batch"] for p in ok], [p["images_per_sec"] for p in ok], marker="o", label=entry["precision"])
+        chosen = next((p for p in ok if p["batch"] == entry["recommended"]), None)
+        if chosen:
+            ax.plot(chosen["batch"], chosen["images_per_sec"], marker="*", markersize=16, color=line.get_color(),
+                    markeredgecolor="black", linestyle="none")
+            ax.annotate(f"recommended {chosen['batch']}", (chosen["batch"], chosen["images_per_sec"]),
+                        textcoords="offset points", xytext=(6, -14), fontsize=8)
+        for p in entry["points"]:
+            if p["oom"]:
+                ax.plot(p["batch"], 0, marker="x", markersize=10, color=line.get_color(), linestyle="none")
+                ax.annotate("OOM", (p["batch"], 0), textcoords="offset points", xytext=(-10, 6), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s (model alone)")
+    ax.set_title(f"{report['model']} {report['image_size']}px, {report['device']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="precision")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_e2e_table(report: dict) -> str:
+    lines = [f"{'variant':<12} | {'images/s':>9} | {'whole run':>9} | {'x score':>7} | per round"]
+    for name, v in report["variants"].items():
+        ratio = f"{v['ratio_to_score']:.2f}" if "ratio_to_score" in v else "-"
+        rounds = " ".join(f"{r['sustained_images_per_sec']:.1f}" for r in v["rounds"])
+        lines.append(f"{name:<12} | {v['images_per_sec']:>9.1f} | {v['whole_run_images_per_sec']:>9.1f} | "
+                     f"{ratio:>7} | {rounds}")
+    bound = report["bound"]
+    if bound:
+        ratio = f"{bound['ratio_to_score']:.2f}" if "ratio_to_score" in bound else "-"
+        lines.append(f"{'bound':<12} | {bound['images_per_sec']:>9.1f} | {'':>9} | {ratio:>7} | {bound['rule']}")
+    if report["score_to_bound"] is not None:
+        lines.append(f"jobs.score ({report['reference']}) reaches {report['score_to_bound']:.0%} of the "
+                     f"decode+model bound")
+    return "\n".join(lines)
+
+
+def plot_e2e(report: dict, path: str) -> None:
+    """One bar per variant (images/s, median; whiskers span the rounds), the bound as a dashed line."""
+    plt = pyplot()
+    names = list(report["variants"])
+    values = [report["variants"][n]["images_per_sec"] for n in names]
+    lows = [v - min(r["sustained_images_per_sec"] for r in report["variants"][n]["rounds"]) for n, v in zip(names, values)]
+    highs = [max(r["sustained_images_per_sec"] for r in report["variants"][n]["rounds"]) - v for n, v in zip(names, values)]
+    colors = ["tab:blue" if n.startswith("score_") else "tab:gray" if n.endswith("_only") else "tab:orange"
+              for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(names) + 1.6), dpi=100)
+    ax.barh(names, values, xerr=[lows, highs], color=colors, capsize=3)
+    for i, (v, high) in enumerate(zip(values, highs)):
+        ax.annotate(f"{v:.1f}", (v + high, i), textcoords="offset points", xytext=(6, -3), fontsize=8)
+    if report["bound"]:
+        ax.axvline(report["bound"]["images_per_sec"], color="black", linestyle="--",
+                   label=f"bound {report['bound']['images_per_sec']:.1f} = {report['bound']['rule']}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (median over rounds)")
+    ax.set_title(f"{report['model']} {report['image_size']}px {report['precision']} batch {report['batch_size']}, "
+                 f"{report['images']} images, {report['device']}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_overhead_table(report: dict) -> str:
+    lines = [f"{'variant':<12} | {'rows/s':>8} | per round"]
+    for name, v in report["variants"].items():
+        rounds = " ".join(f"{r['rows_per_sec']:.0f}" for r in v["rounds"])
+        lines.append(f"{name:<12} | {v['rows_per_sec']:>8} | {rounds}")
+    for decoder, c in report["shard_cost"].items():
+        lines.append(f"shard cost decoder={decoder}: {c['rows']} rows as {c['few']} shards {c['wall_seconds_few']:.2f} s, "
+                     f"as {c['many']} shards {c['wall_seconds_many']:.2f} s → {c['ms_per_extra_shard']:.2f} ms per "
+                     f"extra shard; peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
+    lines.append(f"cpu flags: {report['cpu_flags']}")
+    return "\n".join(lines)
