@@ -10,7 +10,7 @@ import os
 
 from jobs._entry import run_job, to_plain
 from pipeline.errors import UserError
-from pipeline.manifest import SUCCESS, verify, write_manifest
+from pipeline.manifest import MANIFEST, SUCCESS, verify, write_json_atomic
 from pipeline.shards import expand_shards
 
 
@@ -23,7 +23,9 @@ def main(cfg) -> int:
     complete, table, content = verify(paths, out_dir, config["data"].get("index_cache_dir"))
     print(table, flush=True)
     if complete and not os.path.exists(os.path.join(out_dir, SUCCESS)):
-        write_manifest(out_dir, content)  # no rank got to it (e.g. the last one was killed after its commit)
+        # No rank got to it (e.g. the last one was killed after its last commit).
+        write_json_atomic(os.path.join(out_dir, MANIFEST), content)
+        write_json_atomic(os.path.join(out_dir, SUCCESS), content)
     return 0 if complete else 1
 
 

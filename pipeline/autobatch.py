@@ -89,7 +89,7 @@ def sweep(scorer: Scorer, image_size: int, dtype, device, max_batch: int, repeat
 
 def choose_batch_size(module, image_size: int, dtype, device, settings) -> tuple[int, list[dict]]:
     """`batch_size=auto`: sweep, print the table and the choice, return (choice, table)."""
-    probe = Scorer(module, 1, 1, False, device, settings.oom)
+    probe = Scorer(module, 1, device, settings.oom)
     points = sweep(probe, image_size, dtype, device, settings.auto.max_batch_size, settings.auto.repeats)
     chosen = recommend(points, settings.auto.tolerance)
     if chosen is None:

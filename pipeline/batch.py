@@ -1,34 +1,76 @@
-"""The types that flow between the stages."""
+"""The types that flow between the stages.
+
+Rows travel as columns (one list per field) rather than one object per sample: every stage then works
+per batch, and the writer turns each column into an Arrow array in one call.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 OK = "ok"
 
 
-@dataclass(frozen=True)
-class Row:
-    """One input sample: where it came from and whether it could be made into an image."""
+@dataclass
+class Rows:
+    """Per-sample columns, in input order: where each sample came from and whether it became an image.
 
-    key: str
-    shard: str  # shard name (the Parquet file's stem)
-    label: int | None = None
-    status: str = OK  # ok or an error kind: missing_image, duplicate_key, too_large, empty_image, decode_error
-    error: str | None = None  # one line, None when ok
+    `status` is ok or an error kind (missing_image, duplicate_key, too_large, empty_image,
+    unsupported_format, decode_error); `error` is one line, None when ok. `components` holds the
+    sample components kept as columns (`output.keep_components`), bytes or None per row.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    status: list[str] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    components: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def extend(self, other: Rows) -> None:
+        self.keys += other.keys
+        self.shards += other.shards
+        self.labels += other.labels
+        self.status += other.status
+        self.errors += other.errors
+        for name, values in other.components.items():
+            self.components.setdefault(name, []).extend(values)
+
+    def slice(self, start: int, stop: int) -> Rows:
+        return Rows(self.keys[start:stop], self.shards[start:stop], self.labels[start:stop],
+                    self.status[start:stop], self.errors[start:stop],
+                    {name: values[start:stop] for name, values in self.components.items()})
+
+    def mark(self, i: int, status: str, error: str) -> None:
+        self.status[i], self.errors[i] = status, error
+
+    def shard_runs(self) -> list[tuple[str, int, int]]:
+        """(shard, start, stop) for each run of consecutive rows from one shard."""
+        runs, start = [], 0
+        shards = self.shards
+        for i in range(1, len(shards) + 1):
+            if i == len(shards) or shards[i] != shards[start]:
+                runs.append((shards[start], start, i))
+                start = i
+        return runs
 
 
 @dataclass
 class Batch:
-    """Exactly `batch_size` images; the first `len(rows)` are real, the rest padding.
+    """Exactly `batch_size` images; the first `n_valid` are real rows, the rest padding.
 
     Rows whose status is not ok carry a placeholder image; their model outputs are never written.
+    `ready` (CUDA only) is recorded on the producer's stream once `images` is written.
     """
 
     images: torch.Tensor  # [B, 3, H, W] on the scoring device, model dtype, channels_last
-    rows: list[Row]
+    rows: Rows
+    ready: object | None = None
 
     @property
     def n_valid(self) -> int:
@@ -45,12 +87,3 @@ class ShardFailure:
 
     shard: str
     reason: str
-
-
-@dataclass
-class Predictions:
-    """Model outputs for the valid rows of one Batch, in row order (numpy-friendly CPU tensors)."""
-
-    topk_index: torch.Tensor  # [n_valid, k] int32
-    topk_prob: torch.Tensor  # [n_valid, k] float32
-    logits: torch.Tensor | None = None  # [n_valid, C] float16 when asked for

@@ -6,9 +6,12 @@ run on CPU is the code that runs on a GPU node.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import resource
+import time
 
 import torch
 
@@ -69,6 +72,106 @@ def synchronize(device: torch.device) -> None:
 def empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def release_memory(device: torch.device) -> None:
+    """After an out-of-memory error: give back what torch's and DALI's allocators cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            from nvidia.dali.backend import ReleaseUnusedMemory
+        except ImportError:
+            return
+        ReleaseUnusedMemory()
+
+
+def new_stream(device: torch.device):
+    """A CUDA stream of its own for a producer thread; None on the CPU."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+def on_stream(stream):
+    """Make `stream` current in this thread (no-op for None)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def record_event(device: torch.device):
+    """An event marking the work queued so far on the current stream; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def consume(tensor: torch.Tensor, event) -> None:
+    """Make the current stream wait for a tensor produced on another stream, and tell the caching
+    allocator that this stream uses it (so its memory is not reused while our work is queued)."""
+    if event is None:
+        return
+    stream = torch.cuda.current_stream(tensor.device)
+    stream.wait_event(event)
+    tensor.record_stream(stream)
+
+
+class HostCopy:
+    """Tensors copied to host memory without blocking: pinned buffers and an event on CUDA, the tensors
+    themselves on the CPU. `wait()` returns them as numpy arrays once the copy has landed."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], device: torch.device):
+        if device.type != "cuda":
+            self._host, self._event = tensors, None
+            return
+        self._host = {}
+        for name, t in tensors.items():
+            self._host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host[name].copy_(t, non_blocking=True)
+        self._event = record_event(device)
+
+    def wait(self) -> dict:
+        if self._event is not None:
+            self._event.synchronize()
+        return {name: t.numpy() for name, t in self._host.items()}
+
+
+class ModelTimer:
+    """Time spent in the model: the host clock on the CPU; on CUDA, events around the work, read once
+    they have completed, so timing never makes the host wait for the GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self._pending: list = []
+        self._start = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if not self.cuda:
+            self.seconds += time.perf_counter() - self._start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((self._start, end))
+        while self._pending and self._pending[0][1].query():
+            self._add(self._pending.pop(0))
+
+    def total(self) -> float:
+        """All model time so far (on CUDA this waits for the events still pending)."""
+        for pair in self._pending:
+            pair[1].synchronize()
+            self._add(pair)
+        self._pending = []
+        return self.seconds
+
+    def _add(self, pair) -> None:
+        self.seconds += pair[0].elapsed_time(pair[1]) / 1000
 
 
 def reset_peak_memory(device: torch.device) -> None:

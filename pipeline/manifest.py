@@ -1,7 +1,10 @@
-"""Is the whole output complete? Used at the end of every rank, by `jobs.verify` and for `_SUCCESS`.
+"""Is the whole output complete? Per-rank completion records at the end of every rank, `_SUCCESS` from
+them, and the full cross-check of `jobs.verify`.
 
-The quick check reads only Parquet footers (row counts); the full check also reads every key and
-status and compares them with the shard index: every input sample exactly once.
+A rank's end-of-run work is proportional to its own shards: it writes a small record of its own
+(`_metrics/done-NNNNN.json`: its shards done, failed and remaining, rows, status counts, under which
+run), reads the other ranks' records, and whichever rank finds every rank of the same run complete
+writes `_manifest.json` and `_SUCCESS`. Only `jobs.verify` opens every shard and every Parquet file.
 """
 
 from __future__ import annotations
@@ -11,17 +14,116 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from pipeline.shards import open_shard, read_index
+from pipeline.writer import read_footer, run_identity, shard_complete, stored_metadata
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+METRICS_DIR = "_metrics"
+RECORD_PREFIX = "done-"
 
+
+def run_key(identity: dict, shard_names: list[str], world_size: int) -> str:
+    """Which run a record belongs to: the same identity, the same shards, the same split into ranks."""
+    text = json.dumps({"identity": identity, "shards": sorted(shard_names), "world": world_size}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: str, content: dict) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_success(out_dir: str) -> None:
+    """The output is about to change: a `_SUCCESS` from before no longer holds."""
+    for name in (SUCCESS, MANIFEST):
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
+
+
+def record_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, METRICS_DIR, f"{RECORD_PREFIX}{rank:05d}.json")
+
+
+def finish_rank(out_dir: str, record: dict, metadata: dict) -> dict:
+    """Write this rank's completion record; from all ranks' records of the same run, write `_manifest.json`
+    (a snapshot) and, when every rank is complete, `_SUCCESS`. Returns the manifest."""
+    write_json_atomic(record_path(out_dir, record["rank"]), record)
+    records = [r for r in read_records(out_dir) if r.get("run") == record["run"]]
+    content = merge_records(records, record["world_size"], metadata)
+    path = write_json_atomic(os.path.join(out_dir, MANIFEST), content)
+    if content["complete"]:
+        write_json_atomic(os.path.join(out_dir, SUCCESS), content)
+        log.info("all %d ranks complete (%d shards); wrote %s and %s", content["ranks"], content["shards"], path,
+                 SUCCESS)
+    else:
+        log.info("output not complete yet: %d of %d ranks complete, %d failed shard(s)", content["ranks_complete"],
+                 content["ranks"], len(content["failed"]))
+    return content
+
+
+def read_records(out_dir: str) -> list[dict]:
+    folder = os.path.join(out_dir, METRICS_DIR)
+    if not os.path.isdir(folder):
+        return []
+    records = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(RECORD_PREFIX) and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    records.append(json.load(f))
+            except (OSError, ValueError):  # being replaced right now, or damaged: that rank is not counted
+                continue
+    return records
+
+
+def merge_records(records: list[dict], world_size: int, metadata: dict) -> dict:
+    by_rank = {r["rank"]: r for r in records}
+    statuses: collections.Counter = collections.Counter()
+    failed, remaining = {}, []
+    for r in by_rank.values():
+        statuses.update(r.get("status_counts") or {})
+        failed.update(r.get("failed") or {})
+        remaining += r.get("remaining") or []
+    complete = [rank for rank, r in by_rank.items() if r.get("complete")]
+    return {
+        "complete": len(complete) == world_size and not failed,
+        "ranks": world_size,
+        "ranks_reported": len(by_rank),
+        "ranks_complete": len(complete),
+        "ranks_missing": sorted(set(range(world_size)) - set(by_rank)),
+        "shards": sum(r["shards"] for r in by_rank.values()),
+        "shards_done": sum(r["done"] for r in by_rank.values()),
+        "rows": sum(r["rows"] for r in by_rank.values()),
+        "errors": {k: v for k, v in sorted(statuses.items()) if k != "ok"},
+        "failed": dict(sorted(failed.items())),
+        "remaining": sorted(remaining),
+        **run_identity(metadata),
+        "config_hash": config_hash(metadata.get("config") or {}),
+        "written_at": time.time(),
+    }
+
+
+def config_hash(config: dict) -> str:
+    relevant = {k: v for k, v in config.items() if k not in ("dist", "progress", "hydra")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- jobs.verify: the full cross-check ---------------------------------------------------------------
 
 @dataclass
 class ShardReport:
@@ -30,39 +132,59 @@ class ShardReport:
     state: str  # done | missing | incomplete | unreadable_input
     rows: int = 0
     reason: str = ""
+    identity: dict | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
     missing_keys: list[str] = field(default_factory=list)
     duplicate_keys: list[str] = field(default_factory=list)
 
 
-def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None, read_keys: bool = False) -> list[ShardReport]:
+def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None) -> list[ShardReport]:
+    """Every shard's output against its index: every key exactly once; files under one run identity."""
     reports = []
     for path in paths:
         shard = open_shard(path, cache_dir)
         if shard.error:
             reports.append(ShardReport(shard.name, None, "unreadable_input", reason=shard.error))
             continue
-        reports.append(_check_shard(shard, os.path.join(out_dir, f"{shard.name}.parquet"), read_keys))
+        reports.append(_check_shard(shard, os.path.join(out_dir, f"{shard.name}.parquet")))
+    identities = collections.Counter(json.dumps(r.identity, sort_keys=True) for r in reports if r.identity)
+    if len(identities) > 1:
+        expected = _expected_identity(out_dir, identities)
+        for r in reports:
+            if r.identity and r.state == "done":
+                done, why = shard_complete(r.rows, r.identity, r.rows, expected)
+                if not done:
+                    r.state, r.reason = "incomplete", f"written by another run: {why}"
     return reports
 
 
-def _check_shard(shard, parquet: str, read_keys: bool) -> ShardReport:
+def _expected_identity(out_dir: str, identities: collections.Counter) -> dict:
+    """The run the output should belong to: the newest completion record's, else the most common."""
+    records = sorted(read_records(out_dir), key=lambda r: r.get("finished_at", 0))
+    if records and records[-1].get("identity"):
+        return records[-1]["identity"]
+    return json.loads(identities.most_common(1)[0][0])
+
+
+def _check_shard(shard, parquet: str) -> ShardReport:
     report = ShardReport(shard.name, shard.count, "missing")
-    if not os.path.exists(parquet):
-        report.reason = "no output"
+    meta, why = read_footer(parquet)
+    if meta is None:
+        report.reason = "no output" if why == "no output yet" else why
+        report.state = "missing" if why == "no output yet" else "incomplete"
         return report
     try:
-        report.rows = pq.read_metadata(parquet).num_rows
-        table = pq.read_table(parquet, columns=["key", "status"] if read_keys else ["status"])
+        table = pq.read_table(parquet, columns=["key", "status"])
     except Exception as e:
         report.state, report.reason = "incomplete", f"unreadable parquet: {type(e).__name__}"
         return report
+    report.rows = meta.num_rows
+    report.identity = run_identity(stored_metadata(meta))
     report.status_counts = dict(collections.Counter(table.column("status").to_pylist()))
-    if read_keys:
-        want = collections.Counter(e.key for e in read_index(shard.index_path))
-        have = collections.Counter(table.column("key").to_pylist())
-        report.missing_keys = sorted((want - have).keys())
-        report.duplicate_keys = sorted((have - want).keys())
+    want = collections.Counter(read_index(shard.index_path).keys)
+    have = collections.Counter(table.column("key").to_pylist())
+    report.missing_keys = sorted((want - have).keys())
+    report.duplicate_keys = sorted((have - want).keys())
     if report.rows != shard.count or report.missing_keys or report.duplicate_keys:
         report.state, report.reason = "incomplete", f"{report.rows} rows for {shard.count} samples"
     else:
@@ -70,90 +192,56 @@ def _check_shard(shard, parquet: str, read_keys: bool) -> ShardReport:
     return report
 
 
-def config_hash(config: dict) -> str:
-    relevant = {k: v for k, v in config.items() if k not in ("dist", "progress", "hydra")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def manifest(reports: list[ShardReport], metadata: dict, failed_by_ranks: dict[str, str] | None = None) -> dict:
-    """The run's state; shards a rank reported as failed while reading count as failed, not remaining."""
-    statuses = collections.Counter()
+def manifest_from_reports(reports: list[ShardReport], metadata: dict, failed: dict[str, str]) -> dict:
+    statuses: collections.Counter = collections.Counter()
     for r in reports:
         statuses.update(r.status_counts)
-    failed = {r.name: r.reason for r in reports if r.state == "unreadable_input"}
-    for r in reports:
-        if r.state == "missing" and r.name in (failed_by_ranks or {}):
-            failed[r.name] = failed_by_ranks[r.name]
+    failed = {**{r.name: r.reason for r in reports if r.state == "unreadable_input"},
+              **{name: why for name, why in failed.items() if any(r.name == name and r.state == "missing" for r in reports)}}
     return {
         "complete": all(r.state == "done" for r in reports),
         "shards": len(reports),
         "shards_done": sum(r.state == "done" for r in reports),
         "rows": sum(r.rows for r in reports if r.state == "done"),
-        "errors": {k: v for k, v in statuses.items() if k != "ok"},
+        "errors": {k: v for k, v in sorted(statuses.items()) if k != "ok"},
         "failed": failed,
         "remaining": [r.name for r in reports if r.state in ("missing", "incomplete") and r.name not in failed],
-        "model": metadata.get("model"), "precision": metadata.get("precision"),
+        **run_identity(metadata),
         "config_hash": config_hash(metadata.get("config") or {}),
+        "written_at": time.time(),
+        "verified": True,
     }
 
 
-def write_manifest(out_dir: str, content: dict) -> str:
-    """`manifest.json` always (a snapshot of the run's state); `_SUCCESS` too when the output is complete."""
-    names = [MANIFEST] + ([SUCCESS] if content["complete"] else [])
-    for name in names:
-        path = os.path.join(out_dir, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(content, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    return path
-
-
-def failed_by_ranks(out_dir: str) -> dict[str, str]:
-    failed = {}
-    for metrics in rank_metrics(out_dir):
-        failed.update(metrics.get("shards_failed") or {})
-    return failed
-
-
-def update_manifest(paths: list[str], out_dir: str, cache_dir: str | None, metadata: dict) -> dict:
-    """Called by every rank at its end: whichever finds every shard done writes `_SUCCESS`."""
-    reports = check_output(paths, out_dir, cache_dir)
-    content = manifest(reports, metadata, failed_by_ranks(out_dir))
-    path = write_manifest(out_dir, content)
-    if content["complete"]:
-        log.info("all %d shards done; wrote %s", content["shards"], path)
-    else:
-        log.info("output not complete: %d of %d shards done, %d failed", content["shards_done"],
-                 content["shards"], len(content["failed"]))
-    return content
-
-
 def rank_metrics(out_dir: str) -> list[dict]:
-    folder = os.path.join(out_dir, "metrics")
+    folder = os.path.join(out_dir, METRICS_DIR)
     if not os.path.isdir(folder):
         return []
     found = []
     for name in sorted(os.listdir(folder)):
         if name.startswith("rank-") and name.endswith(".json"):
-            with open(os.path.join(folder, name)) as f:
-                found.append(json.load(f))
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    found.append(json.load(f))
+            except (OSError, ValueError):
+                continue
     return found
 
 
 def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tuple[bool, str, dict]:
-    """Every key of every input shard exactly once? Returns (complete, printable table, manifest)."""
-    reports = check_output(paths, out_dir, cache_dir, read_keys=True)
-    ranks = rank_metrics(out_dir)
+    """Every key of every input shard exactly once, all under one run? (complete, printable table, manifest)."""
+    reports = check_output(paths, out_dir, cache_dir)
     metadata = {}
     done = [r for r in reports if r.state == "done"]
     if done:
-        from pipeline.writer import read_run_metadata
-
-        metadata = read_run_metadata(os.path.join(out_dir, f"{done[0].name}.parquet"))
-    content = manifest(reports, metadata, failed_by_ranks(out_dir))
+        meta, _ = read_footer(os.path.join(out_dir, f"{done[0].name}.parquet"))
+        metadata = stored_metadata(meta) if meta is not None else {}
+    failed = {}
+    for record in read_records(out_dir):
+        failed.update(record.get("failed") or {})
+    content = manifest_from_reports(reports, metadata, failed)
     by_state = collections.Counter(r.state for r in reports)
-    statuses = collections.Counter()
+    statuses: collections.Counter = collections.Counter()
     for r in reports:
         statuses.update(r.status_counts)
     lines = [
@@ -171,7 +259,7 @@ def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tupl
         if r.duplicate_keys:
             lines.append(f"  duplicate keys    {r.name}: {', '.join(r.duplicate_keys[:10])}"
                          + (" …" if len(r.duplicate_keys) > 10 else ""))
-    lines += rank_summary(ranks)
+    lines += rank_summary(rank_metrics(out_dir))
     lines.append("complete" if content["complete"] else "NOT complete")
     return content["complete"], "\n".join(lines), content
 

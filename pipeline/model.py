@@ -36,10 +36,14 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
     module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for p in module.parameters():
         p.requires_grad_(False)
-    if settings.compile:
-        module = torch.compile(module, dynamic=False)
     log.info("model=%s source=%s dtype=%s device=%s", settings.name, source, dtype, device)
     return LoadedModel(module, categories, source)
+
+
+def compile_model(module: nn.Module) -> nn.Module:
+    """torch.compile for the run's one input shape. Called once the batch size is final: compiling
+    before `batch_size=auto` would compile every size it tries and then hit dynamo's recompile limit."""
+    return torch.compile(module, dynamic=False)
 
 
 def _build_torchvision(settings: ModelSettings) -> tuple[nn.Module, list[str] | None, str]:

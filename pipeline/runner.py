@@ -1,15 +1,19 @@
-"""The scoring run: one loop and its state (done shards, failures, signals, metrics, manifest).
+"""The scoring run of one rank: plan → loop → report.
 
-State machine per rank: expand + index shards → skip the complete ones → stream the rest through
-decoder → scorer → writer → write metrics → write the run manifest when the whole output is complete.
+`plan` is pure set-up (settings → shards, model, outputs, batch size; every user error surfaces here,
+before any image is read) and the benchmark reuses it. The loop streams decoder → scorer → writer, and
+writes batch N while batch N+1 runs on the device. The report writes the metrics and this rank's
+completion record; whichever rank finds every rank complete writes `_SUCCESS`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -19,13 +23,14 @@ from pipeline.autobatch import choose_batch_size
 from pipeline.batch import ShardFailure
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow
-from pipeline.manifest import update_manifest
+from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, write_metrics
-from pipeline.model import load_model
+from pipeline.model import LoadedModel, compile_model, load_model
+from pipeline.outputs import Logits, TopK, compute_all
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
-from pipeline.shards import assign_to_rank, expand_shards, open_shard, rank_from_env
-from pipeline.writer import ShardWriter
+from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, rank_from_env, shard_name
+from pipeline.writer import ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -70,83 +75,108 @@ def score_and_report_stop(settings: ScoreSettings, resolved_config: dict | None 
     """(exit code, the signal that stopped the run or None). Signals are caught from the start, so a
     stop during indexing or model loading also ends in EXIT_REQUEUE rather than a dead process."""
     with StopSignals() as signals:
-        code = Runner(settings, resolved_config).run(signals)
+        code = Runner(plan(settings, resolved_config)).run(signals)
     return code, signals.received
 
 
+@dataclass
+class Plan:
+    """Everything a run needs, decided before any image is read."""
+
+    settings: ScoreSettings
+    device: torch.device
+    precision: str
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    shard_names: list[str]  # every shard of the run, all ranks
+    shards: list[Shard]  # this rank's, opened (indexed and counted)
+    loaded: LoadedModel
+    batch_size: int
+    auto_table: list[dict] | None
+    outputs: list
+    metadata: dict
+    rules: SampleRules
+    preprocess: Preprocess
+
+
+def plan(settings: ScoreSettings, resolved_config: dict | None = None) -> Plan:
+    device = dev.resolve_device(settings.device)
+    precision = dev.resolve_precision(settings.precision, device)
+    dtype = dev.DTYPES[precision]
+    dev.configure(device, settings.seed)
+    rank, world_size = rank_from_env(settings.dist)
+    all_paths = expand_shards(settings.data.shards)
+    shards = [open_shard(p, settings.data.index_cache_dir) for p in assign_to_rank(all_paths, rank, world_size)]
+    log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
+             dev.describe(device), precision)
+    m, d = settings.model, settings.data
+    loaded = load_model(m, device, dtype, settings.seed)
+    batch_size, auto_table = settings.batch_size, None
+    if batch_size == "auto":
+        batch_size, auto_table = choose_batch_size(loaded.module, m.crop_size, dtype, device, settings)
+    outputs = [TopK(m.topk, loaded.categories)]
+    if settings.output.save_logits:
+        outputs.append(Logits(_num_classes(loaded.module, m.crop_size, device, dtype)))
+    if m.compile:
+        loaded.module = compile_model(loaded.module)
+    metadata = {
+        "model": m.path or m.name, "weights": loaded.source, "precision": precision,
+        "outputs": [f"topk({m.topk})"] + (["logits"] if settings.output.save_logits else []),
+        "batch_size": batch_size, "version": __version__, "config": resolved_config or {},
+    }
+    rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
+    preprocess = Preprocess(m.resize_size, m.crop_size, m.mean, m.std, m.interpolation)
+    return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
+                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess)
+
+
 class Runner:
-    """Owns one rank's run: setup (everything that can be a user error), the loop, the report."""
+    """Owns one rank's run: the loop and the report, from a Plan."""
 
-    def __init__(self, settings: ScoreSettings, resolved_config: dict | None = None):
-        self.settings = settings
-        self.device = dev.resolve_device(settings.device)
-        self.precision = dev.resolve_precision(settings.precision, self.device)
-        self.dtype = dev.DTYPES[self.precision]
-        dev.configure(self.device, settings.seed)
-        self.rank, self.world_size = rank_from_env(settings.dist)
-
-        self.all_paths = expand_shards(settings.data.shards)
-        my_paths = assign_to_rank(self.all_paths, self.rank, self.world_size)
-        self.shards = [open_shard(p, settings.data.index_cache_dir) for p in my_paths]
-        log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", self.rank, self.world_size,
-                 len(self.shards), len(self.all_paths), dev.describe(self.device), self.precision)
-
-        m = settings.model
-        self.loaded = load_model(m, self.device, self.dtype, settings.seed)
-        self.auto_table = None
-        self.batch_size = settings.batch_size
-        if self.batch_size == "auto":
-            self.batch_size, self.auto_table = choose_batch_size(self.loaded.module, m.crop_size, self.dtype,
-                                                                 self.device, settings)
-        self.metadata = {
-            "model": m.path or m.name, "weights": self.loaded.source, "precision": self.precision,
-            "batch_size": self.batch_size, "version": __version__, "config": resolved_config or {},
-        }
-        self.writer = self._make_writer()
-        context = f"model={m.name} precision={self.precision} image_size={m.crop_size}"
-        self.scorer = Scorer(self.loaded.module, self.batch_size, m.topk, settings.output.save_logits,
-                             self.device, settings.oom, context)
-
-    def _make_writer(self) -> ShardWriter:
-        readable = [s for s in self.shards if s.error is None]
-        m, out = self.settings.model, self.settings.output
-        num_classes = _num_classes(self.loaded.module, m.crop_size, self.device, self.dtype) if out.save_logits else None
-        writer = ShardWriter(out.dir, {s.name: s.count for s in readable}, self.metadata, m.topk,
-                             self.loaded.categories, num_classes, match_keys=("model", "weights", "precision"))
-        for s in self.shards:
+    def __init__(self, p: Plan):
+        self.p = p
+        self.settings = p.settings
+        m = p.settings.model
+        readable = [s for s in p.shards if s.error is None]
+        self.writer = ShardWriter(p.settings.output.dir, {s.name: s.count for s in readable}, p.metadata, p.outputs)
+        for s in p.shards:
             if s.error:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
-                writer.fail(s.name, s.error)
-        writer.remove_stale_temporaries([s.name for s in readable])
-        return writer
+                self.writer.fail(s.name, s.error)
+        self.writer.remove_stale_temporaries([s.name for s in readable])
+        context = f"model={m.name} precision={p.precision} image_size={m.crop_size}"
+        self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
+        self.decoder_name = p.settings.decoder
 
     def run(self, signals: StopSignals) -> int:
-        readable = [s for s in self.shards if s.error is None]
+        readable = [s for s in self.p.shards if s.error is None]
         todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite)
-        self.decoder_name = choose_decoder(self.settings.decoder, todo) if todo else self.settings.decoder
-        meter = Meter(sum(s.count for s in todo), self.device, self.settings.progress)
-        stopped_by, fallbacks, fatal = None, 0, None
+        if todo:
+            self.decoder_name = choose_decoder(self.settings.decoder, todo)
+            remove_success(self.settings.output.dir)
+        meter = Meter(sum(s.count for s in todo), self.p.device, self.settings.progress)
+        stopped_by, decoder, fatal = None, None, None
         try:
             if todo and not signals.received:
-                stopped_by, fallbacks = self._stream(todo, meter, signals)
+                decoder = self._stream(todo, meter, signals)
             stopped_by = signals.received
         except OutOfMemoryAtOneRow as e:  # raised again once the metrics are written
             fatal = e
         finally:
             meter.close()
-        exit_code = self._report(meter, stopped_by, fallbacks, fatal, skipped=len(readable) - len(todo))
+        exit_code = self._report(meter, stopped_by, decoder, fatal, skipped=len(readable) - len(todo))
         if fatal is not None:
             raise fatal
         return exit_code
 
-    def _stream(self, todo, meter: Meter, signals: StopSignals) -> tuple[str | None, int]:
-        """Decode → score → write until the input ends or a signal arrives; returns (signal, DALI fallbacks)."""
-        m, d = self.settings.model, self.settings.data
-        rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
-        preprocess = Preprocess(m.resize_size, m.crop_size, m.mean, m.std, m.interpolation)
-        decoder = make_decoder(self.decoder_name, todo, rules, preprocess, self.batch_size, self.device, self.dtype,
-                               self.settings.loader.threads, self.settings.loader.prefetch)
+    def _stream(self, todo: list[Shard], meter: Meter, signals: StopSignals):
+        """Decode → score → write until the input ends or a signal arrives; returns the decoder."""
+        p = self.p
+        decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
+                               self.settings.loader, self.settings.oom.inject_decode_above)
         items = iter(decoder)
+        pending = None  # (rows, host copy of their outputs) of the batch before the one on the device
         try:
             while not signals.received:
                 with meter.timing("input"):
@@ -156,18 +186,28 @@ class Runner:
                 if isinstance(item, ShardFailure):
                     self.writer.fail(item.shard, item.reason)
                     continue
+                dev.consume(item.images, item.ready)
                 with meter.timing("model"):
-                    predictions = self.scorer(item)
-                with meter.timing("write"):
-                    self.writer.add(item.rows, predictions)
+                    output = self.scorer.forward(item.images)[: item.n_valid]
+                    host = dev.HostCopy(compute_all(p.outputs, output), p.device)
+                if pending is not None:
+                    self._write(pending, meter)
+                pending = (item.rows, host)
                 meter.batch_done(item.n_valid, micro=self.scorer.micro_batch)
         finally:
             decoder.stop()
-        return signals.received, getattr(decoder, "fallbacks", 0)
+            if pending is not None:
+                self._write(pending, meter)
+        return decoder
 
-    def _report(self, meter: Meter, stopped_by, fallbacks: int, fatal, skipped: int) -> int:
-        """Print the summary, write metrics and the manifest; returns the exit code."""
-        writer, summary = self.writer, meter.summary()
+    def _write(self, pending, meter: Meter) -> None:
+        rows, host = pending
+        with meter.timing("write"):
+            self.writer.add(rows, host.wait())
+
+    def _report(self, meter: Meter, stopped_by, decoder, fatal, skipped: int) -> int:
+        """Print the summary, write the metrics and this rank's completion record; returns the exit code."""
+        writer, summary, p = self.writer, meter.summary(), self.p
         print(f"scored {summary['images']} images in {summary['seconds']:.1f} s: "
               f"{summary['sustained_images_per_sec']:.1f} images/s sustained", flush=True)
         remaining = writer.incomplete()
@@ -179,37 +219,51 @@ class Runner:
         elif remaining and not fatal:
             for name in remaining:
                 writer.fail(name, "the decoder produced fewer rows than the index lists")
+            remaining = []
         if writer.failed:
             log.error("failed shards=%d: %s", len(writer.failed), ", ".join(sorted(writer.failed)))
             exit_code = exit_code or EXIT_FAILED
-        print(f"output: {self.settings.output.dir} ({len(writer.committed)} of {len(self.shards)} shard(s) "
-              "of this rank complete)", flush=True)
+        out_dir = self.settings.output.dir
+        print(f"output: {out_dir} ({len(writer.committed)} of {len(p.shards)} shard(s) of this rank complete)",
+              flush=True)
         s = self.scorer
         metrics = {
-            **summary, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+            **summary, "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch_size,
             "micro_batch": s.micro_batch, "min_micro_batch": s.policy.min_size, "oom_events": s.policy.events,
-            "precision": self.precision, "device": str(self.device), "decoder": self.decoder_name,
-            "model": self.metadata["model"], "shards_assigned": len(self.shards), "shards_skipped_complete": skipped,
+            "precision": p.precision, "device": str(p.device), "decoder": self.decoder_name,
+            "model": p.metadata["model"], "shards_assigned": len(p.shards), "shards_skipped_complete": skipped,
             "shards_written": len(writer.committed) - skipped, "shards_failed": dict(sorted(writer.failed.items())),
-            "shards_remaining": remaining if stopped_by else [], "rows_written": writer.rows_written,
-            "status_counts": writer.status_counts, "dali_fallback_batches": fallbacks,
-            "auto_batch_table": self.auto_table, "stopped_by": stopped_by, "exit_code": exit_code,
+            "shards_remaining": remaining, "rows_written": writer.rows_written,
+            "status_counts": dict(writer.status_counts),
+            "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
+            "decode_oom_events": getattr(decoder, "oom_events", 0),
+            "auto_batch_table": p.auto_table, "stopped_by": stopped_by, "exit_code": exit_code,
             "finished_at": time.time(),
         }
-        log.info("metrics=%s", write_metrics(self.settings.output.dir, self.rank, metrics))
-        update_manifest(self.all_paths, self.settings.output.dir, self.settings.data.index_cache_dir, self.metadata)
+        log.info("metrics=%s", write_metrics(out_dir, p.rank, metrics))
+        writer.sync()
+        status_counts: collections.Counter = collections.Counter()
+        for done in writer.committed.values():
+            status_counts.update(done["status_counts"])
+        identity = run_identity(p.metadata)
+        record = {
+            "rank": p.rank, "world_size": p.world_size, "run": run_key(identity, p.shard_names, p.world_size),
+            "identity": identity, "shards": len(p.shards), "done": len(writer.committed),
+            "failed": dict(sorted(writer.failed.items())), "remaining": remaining,
+            "rows": sum(done["rows"] for done in writer.committed.values()), "status_counts": dict(status_counts),
+            "complete": len(writer.committed) == len(p.shards), "finished_at": time.time(),
+        }
+        finish_rank(out_dir, record, p.metadata)
         return exit_code
 
 
-def _shards_to_do(shards, writer: ShardWriter, overwrite: bool):
+def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool) -> list[Shard]:
+    if overwrite:
+        return list(shards)
     todo = []
     for s in shards:
-        if overwrite:
-            todo.append(s)
-            continue
-        done, why = writer.completeness(s.name)
+        done, why = writer.resume(s.name)
         if done:
-            writer.committed.append(s.name)
             continue
         if why != "no output yet":
             log.warning("redoing shard=%s reason=%s", s.name, why)
@@ -224,4 +278,3 @@ def _num_classes(module, size: int, device, dtype) -> int:
     with torch.inference_mode():
         x = torch.zeros((1, 3, size, size), device=device, dtype=dtype)
         return int(module(x.contiguous(memory_format=torch.channels_last)).shape[1])
-

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pipeline import device as dev
-from pipeline.batch import Batch, Predictions
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.settings import OomSettings
 
@@ -74,13 +73,10 @@ class MicroBatchPolicy:
 
 
 class Scorer:
-    """`scorer(batch) → Predictions` for the batch's valid rows, in order; owns OOM halving."""
+    """`forward(images)` → the model's output for every row, in order; owns OOM halving."""
 
-    def __init__(self, module: nn.Module, batch_size: int, topk: int, save_logits: bool,
-                 device: torch.device, oom: OomSettings, context: str = ""):
+    def __init__(self, module: nn.Module, batch_size: int, device: torch.device, oom: OomSettings, context: str = ""):
         self.module = module
-        self.topk = topk
-        self.save_logits = save_logits
         self.device = device
         self.context = context  # model, precision and input size, for the give-up message
         self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
@@ -92,16 +88,6 @@ class Scorer:
     def micro_batch(self) -> int:
         return self.policy.size
 
-    def __call__(self, batch: Batch) -> Predictions:
-        logits = self.forward(batch.images)[: batch.n_valid].float()
-        k = min(self.topk, logits.shape[1])
-        prob, index = torch.softmax(logits, dim=1).topk(k, dim=1)
-        return Predictions(
-            topk_index=index.to(torch.int32).cpu(),
-            topk_prob=prob.cpu(),
-            logits=logits.to(torch.float16).cpu() if self.save_logits else None,
-        )
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for every row of `images`, run as chunks of the current micro-batch."""
         total = images.shape[0]
@@ -111,8 +97,12 @@ class Scorer:
         while start < total:
             rows = min(size, total - start)
             chunk = images[start : start + rows]
-            if rows < size:  # keep the one static shape: pad the tail chunk
-                chunk = torch.cat([chunk, chunk.new_zeros((size - rows, *chunk.shape[1:]))])
+            if rows < size:  # keep the one static shape (and memory format): pad the tail chunk
+                padded = torch.empty((size, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device,
+                                     memory_format=torch.channels_last)
+                padded[:rows] = chunk
+                padded[rows:] = 0
+                chunk = padded
             out = self.try_forward(chunk)
             if out is None:
                 del chunk  # the failed input must be gone before the retry allocates again

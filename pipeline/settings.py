@@ -74,11 +74,28 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class DaliSettings:
+    """Options of DALI's GPU (`mixed`) JPEG decoder; see fn.decoders.image. Not used on the CPU."""
+
+    hw_decoder_load: float = 0.9  # share of JPEGs for the hardware decoder (A100/H100), the rest on CUDA
+    preallocate_width_hint: int = 0  # the largest image expected, so the hardware decoder allocates once
+    preallocate_height_hint: int = 0
+    device_memory_padding: int = 16 * 2**20  # per-thread nvJPEG buffers, bytes
+    host_memory_padding: int = 8 * 2**20
+
+    def __post_init__(self):
+        _check(0 <= self.hw_decoder_load <= 1, "loader.dali.hw_decoder_load must be in [0, 1]")
+        _check(min(self.preallocate_width_hint, self.preallocate_height_hint, self.device_memory_padding,
+                   self.host_memory_padding) >= 0, "loader.dali hints and paddings must be >= 0")
+
+
+@dataclass(frozen=True)
 class LoaderSettings:
     """Decoding resources: DALI threads or DataLoader workers, and how many batches to read ahead."""
 
     threads: int = 2
     prefetch: int = 2
+    dali: DaliSettings = field(default_factory=DaliSettings)
 
     def __post_init__(self):
         _check(self.threads >= 0, "loader.threads must be >= 0")
@@ -90,6 +107,7 @@ class OomSettings:
     regrow_after: int = 50  # successful batches before trying a doubled micro-batch again
     inject_above: int | None = None  # debug: raise a real OutOfMemoryError above this many rows
     inject_limit: int | None = None  # debug: stop injecting after this many injected errors
+    inject_decode_above: int | None = None  # debug: DALI decode batches above this many images run out of memory
 
     def __post_init__(self):
         _check(self.regrow_after >= 1, "oom.regrow_after must be >= 1")

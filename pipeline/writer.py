@@ -1,9 +1,14 @@
 """Per-shard Parquet files: buffer a shard's rows until all of them are in, then write the file
 atomically (temporary name, fsync, rename). A reader, or a rerun, never sees half a shard.
+
+Rows arrive as columns per batch; a shard's file is built from them with one Arrow call per column.
+Whether a shard's file is complete is decided by one rule, `shard_complete`, which resume, the
+completion records and `jobs.verify` all use.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -13,64 +18,95 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.batch import OK, Predictions, Row
+from pipeline.batch import OK, Rows
 
 log = logging.getLogger(__name__)
 
 META_KEY = b"shardscore"
 TMP_MARK = ".tmp-"
+# What makes two runs' rows interchangeable: a file written under another identity is redone.
+IDENTITY_KEYS = ("model", "weights", "precision", "outputs")
+
+
+def run_identity(metadata: dict) -> dict:
+    return {key: metadata.get(key) for key in IDENTITY_KEYS}
+
+
+def stored_metadata(meta: pq.FileMetaData) -> dict:
+    return json.loads((meta.metadata or {}).get(META_KEY, b"{}"))
+
+
+def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) -> tuple[bool, str]:
+    """The completeness rule: (done, why not). A shard's file is complete when its footer reads (giving
+    `rows` and its `stored` metadata), it holds the shard's row count, and it was written under the same
+    run identity (model, weights, precision, outputs)."""
+    if rows != expected_rows:
+        return False, f"{rows} rows, shard has {expected_rows}"
+    for key, value in identity.items():
+        if stored.get(key) != value:
+            return False, f"{key} was {stored.get(key)!r}, now {value!r}"
+    return True, ""
+
+
+def read_footer(path: str) -> tuple[pq.FileMetaData | None, str]:
+    """(footer, "") or (None, why not)."""
+    if not os.path.exists(path):
+        return None, "no output yet"
+    try:
+        return pq.read_metadata(path), ""
+    except Exception as e:
+        return None, f"unreadable parquet ({type(e).__name__})"
 
 
 @dataclass
 class _ShardBuffer:
     expected: int
-    rows: list[Row] = field(default_factory=list)
-    topk_index: list[np.ndarray] = field(default_factory=list)
-    topk_prob: list[np.ndarray] = field(default_factory=list)
-    logits: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+    rows: list[Rows] = field(default_factory=list)
+    values: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 class ShardWriter:
     """Knows each shard's expected sample count; commits `<dir>/<shard>.parquet` when it is reached.
 
-    `metadata` (model, weights, precision, batch size, version, config) goes into every file's schema;
-    `match_keys` are the metadata entries a resumed run must agree with for a file to count as done.
+    `metadata` (model, weights, precision, outputs, batch size, version, config) goes into every file's
+    schema with the file's row and status counts; `outputs` are the output kinds whose columns follow
+    key/shard/label/status/error.
     """
 
-    def __init__(self, out_dir: str, expected: dict[str, int], metadata: dict, topk: int,
-                 categories: list[str] | None, num_classes: int | None, match_keys: tuple[str, ...] = ()):
+    def __init__(self, out_dir: str, expected: dict[str, int], metadata: dict, outputs: list):
         self.out_dir = out_dir
         self.metadata = metadata
-        self.match_keys = match_keys
-        self.categories = categories
-        self.schema = self._schema(topk, categories, num_classes)
+        self.identity = run_identity(metadata)
+        self.outputs = outputs
+        self.schema = pa.schema([
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),
+            pa.field("label", pa.int64()),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error", pa.string()),
+            *(f for kind in outputs for f in kind.fields()),
+        ])
         self._buffers = {name: _ShardBuffer(count) for name, count in expected.items()}
         self.failed: dict[str, str] = {}
-        self.committed: list[str] = []
+        self.committed: dict[str, dict] = {}  # shard → {"rows", "status_counts"}, this run's and resumed ones
         self.rows_written = 0
-        self.status_counts: dict[str, int] = {}
+        self.status_counts: collections.Counter = collections.Counter()
         os.makedirs(out_dir, exist_ok=True)
 
     def path(self, shard: str) -> str:
         return os.path.join(self.out_dir, f"{shard}.parquet")
 
-    def completeness(self, shard: str) -> tuple[bool, str]:
-        """(done, why not): the file exists, its footer reads, its rows and metadata match this run."""
-        path = self.path(shard)
-        if not os.path.exists(path):
-            return False, "no output yet"
-        try:
-            meta = pq.read_metadata(path)
-        except Exception as e:
-            return False, f"unreadable parquet ({type(e).__name__})"
-        expected = self._buffers[shard].expected
-        if meta.num_rows != expected:
-            return False, f"{meta.num_rows} rows, shard has {expected}"
-        stored = json.loads((meta.metadata or {}).get(META_KEY, b"{}"))
-        for key in self.match_keys:
-            if stored.get(key) != self.metadata.get(key):
-                return False, f"{key} was {stored.get(key)!r}, now {self.metadata.get(key)!r}"
-        return True, ""
+    def resume(self, shard: str) -> tuple[bool, str]:
+        """Is the shard's file already complete by the rule? If so it counts as committed."""
+        meta, why = read_footer(self.path(shard))
+        if meta is None:
+            return False, why
+        stored = stored_metadata(meta)
+        done, why = shard_complete(meta.num_rows, stored, self._buffers[shard].expected, self.identity)
+        if done:
+            self.committed[shard] = {"rows": meta.num_rows, "status_counts": stored.get("status_counts", {})}
+        return done, why
 
     def remove_stale_temporaries(self, shards: list[str]) -> None:
         """Temporary files a killed run left for these shards (never another rank's)."""
@@ -80,23 +116,19 @@ class ShardWriter:
                 os.remove(os.path.join(self.out_dir, name))
                 log.info("removed leftover temporary file=%s", name)
 
-    def add(self, rows: list[Row], predictions: Predictions) -> None:
-        index = predictions.topk_index.numpy()
-        prob = predictions.topk_prob.numpy()
-        logits = predictions.logits.numpy() if predictions.logits is not None else None
-        for i, row in enumerate(rows):
-            buf = self._buffers.get(row.shard)
-            if buf is None or row.shard in self.failed:
+    def add(self, rows: Rows, values: dict[str, np.ndarray]) -> None:
+        """A batch's rows (any shards, in order) with the output values of each row."""
+        for shard, start, stop in rows.shard_runs():
+            buf = self._buffers.get(shard)
+            if buf is None or shard in self.failed:
                 continue
-            buf.rows.append(row)
-            buf.topk_index.append(index[i])
-            buf.topk_prob.append(prob[i])
-            if logits is not None:
-                buf.logits.append(logits[i])
-            if len(buf.rows) == buf.expected:
-                self._commit(row.shard)
-            elif len(buf.rows) > buf.expected:
-                raise RuntimeError(f"shard {row.shard} produced more rows than its index lists ({buf.expected})")
+            buf.rows.append(rows.slice(start, stop) if (start, stop) != (0, len(rows)) else rows)
+            buf.values.append({name: v[start:stop] for name, v in values.items()})
+            buf.count += stop - start
+            if buf.count == buf.expected:
+                self._commit(shard)
+            elif buf.count > buf.expected:
+                raise RuntimeError(f"shard {shard} produced more rows than its index lists ({buf.expected})")
 
     def fail(self, shard: str, reason: str) -> None:
         """Drop what was buffered: a shard that could not be read to its end gets no file."""
@@ -105,73 +137,58 @@ class ShardWriter:
             self._buffers[shard] = _ShardBuffer(self._buffers[shard].expected)
 
     def incomplete(self) -> list[str]:
-        return [s for s, b in self._buffers.items() if s not in self.failed and s not in self.committed]
+        return [s for s in self._buffers if s not in self.failed and s not in self.committed]
+
+    def sync(self) -> None:
+        """Make the renames of this run's files durable: one directory fsync rather than one per shard
+        (a rename lost in a crash only means that shard is redone)."""
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _commit(self, shard: str) -> None:
         buf = self._buffers[shard]
-        table = self._table(buf)
+        rows = buf.rows[0] if len(buf.rows) == 1 else _concat_rows(buf.rows)
+        counts = collections.Counter(rows.status)
+        table = self._table(rows, buf.values, {**self.metadata, "rows": len(rows), "status_counts": dict(counts)})
         final = self.path(shard)
         tmp = os.path.join(self.out_dir, f".{shard}.parquet{TMP_MARK}{os.getpid()}")
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.out_dir)
         self._buffers[shard] = _ShardBuffer(buf.expected)  # free the rows
-        self.committed.append(shard)
-        self.rows_written += table.num_rows
-        for status in table.column("status").to_pylist():
-            self.status_counts[status] = self.status_counts.get(status, 0) + 1
-        log.info("wrote shard=%s rows=%d path=%s", shard, table.num_rows, final)
+        self.committed[shard] = {"rows": len(rows), "status_counts": dict(counts)}
+        self.rows_written += len(rows)
+        self.status_counts.update(counts)
+        log.info("wrote shard=%s rows=%d path=%s", shard, len(rows), final)
 
-    def _table(self, buf: _ShardBuffer) -> pa.Table:
-        ok = np.array([r.status == OK for r in buf.rows])
+    def _table(self, rows: Rows, values: list[dict[str, np.ndarray]], metadata: dict) -> pa.Table:
+        merged = {name: np.concatenate([v[name] for v in values]) if len(values) > 1 else values[0][name]
+                  for name in values[0]}
+        valid = np.array([s == OK for s in rows.status], dtype=bool)
         columns = {
-            "key": [r.key for r in buf.rows],
-            "shard": [r.shard for r in buf.rows],
-            "label": [r.label for r in buf.rows],
-            "topk_index": _lists(buf.topk_index, ok),
-            "topk_prob": _lists(buf.topk_prob, ok),
+            "key": pa.array(rows.keys, pa.string()),
+            "shard": pa.array(rows.shards, pa.string()),
+            "label": pa.array(rows.labels, pa.int64()),
+            "status": pa.array(rows.status, pa.string()),
+            "error": pa.array(rows.errors, pa.string()),
         }
-        if self.categories is not None:
-            names = np.array(self.categories, dtype=object)
-            columns["topk_label"] = [list(names[i]) if good else None for i, good in zip(buf.topk_index, ok)]
-        columns["status"] = [r.status for r in buf.rows]
-        columns["error"] = [r.error for r in buf.rows]
-        if "logits" in self.schema.names:
-            columns["logits"] = _lists(buf.logits, ok)
-        return pa.table(columns, schema=self.schema)
-
-    def _schema(self, topk: int, categories: list[str] | None, num_classes: int | None) -> pa.Schema:
-        fields = [
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("shard", pa.string(), nullable=False),
-            pa.field("label", pa.int64()),
-            pa.field("topk_index", pa.list_(pa.int32())),
-            pa.field("topk_prob", pa.list_(pa.float32())),
-        ]
-        if categories is not None:
-            fields.append(pa.field("topk_label", pa.list_(pa.string())))
-        fields += [pa.field("status", pa.string(), nullable=False), pa.field("error", pa.string())]
-        if num_classes is not None:
-            fields.append(pa.field("logits", pa.list_(pa.float16(), num_classes)))
-        return pa.schema(fields, metadata={META_KEY: json.dumps(self.metadata, default=str).encode()})
+        for kind in self.outputs:
+            columns.update(kind.arrays(merged, valid))
+        schema = self.schema.with_metadata({META_KEY: json.dumps(metadata, default=str).encode()})
+        return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
-def _lists(arrays: list[np.ndarray], ok: np.ndarray) -> list:
-    """Rows that are not ok get null predictions: their placeholder image was never a real input."""
-    return [a if good else None for a, good in zip(arrays, ok)]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _concat_rows(parts: list[Rows]) -> Rows:
+    rows = Rows()
+    for part in parts:
+        rows.extend(part)
+    return rows
 
 
 def read_run_metadata(path: str) -> dict:
     """The shardscore metadata stored in a Parquet file's schema."""
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(META_KEY, b"{}"))
+    return stored_metadata(pq.read_metadata(path))

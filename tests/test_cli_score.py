@@ -15,7 +15,7 @@ DECODERS = ["dali", "torch"]
 
 
 def input_keys(paths):
-    return {(os.path.basename(p)[:-4], e.key) for p in paths for e in read_index(p[:-4] + ".idx")}
+    return {(os.path.basename(p)[:-4], key) for p in paths for key in read_index(p[:-4] + ".idx").keys}
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -36,9 +36,9 @@ def test_every_sample_scored_once(shards, tmp_path, decoder, batch_size):
     assert all(row["label"] == int(row["key"]) % 10 for row in rows)
     assert all(len(row["topk_index"]) == 5 and abs(sum(row["topk_prob"])) <= 1.0 + 1e-5 for row in rows)
     # Output order inside a shard follows the input order.
-    assert [r["key"] for r in tables[0].to_pylist()] == [e.key for e in read_index(shards[0][:-4] + ".idx")]
+    assert [r["key"] for r in tables[0].to_pylist()] == read_index(shards[0][:-4] + ".idx").keys
 
-    metrics = json.loads((out / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
     assert metrics["images"] == 23 and metrics["batch_size"] == batch_size and metrics["decoder"] == decoder
     assert metrics["batches"] == -(-23 // batch_size)
     for key in ("seconds", "images_per_sec", "sustained_images_per_sec", "precision", "device"):
@@ -55,7 +55,7 @@ def test_overrides_reach_metadata_and_metrics(shards, tmp_path):
     meta = json.loads(pq.read_schema(out / "part-000002.parquet").metadata[b"shardscore"])
     assert meta["batch_size"] == 3 and meta["precision"] == "bf16" and meta["model"] == "resnet18"
     assert meta["config"]["batch_size"] == 3 and "version" in meta
-    metrics = json.loads((out / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
     assert metrics["batch_size"] == 3 and metrics["precision"] == "bf16"
     assert pq.read_table(out / "part-000002.parquet").column("topk_index").to_pylist()[0].__len__() == 2
 
@@ -69,5 +69,5 @@ def test_rerun_skips_complete_shards(shards, tmp_path):
     assert r.returncode == 0
     assert "2 shard(s) already complete" in r.stdout + r.stderr
     assert os.path.getmtime(out / "part-000000.parquet") == before
-    metrics = json.loads((out / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
     assert metrics["images"] == 0 and metrics["shards_skipped_complete"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from conftest import ROOT, TINY, run_cli, small_jpegs
 from corrupt import write_corrupt_shard, write_good_only_shard
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.pack import write_shards
-from pipeline.runner import score
-from pipeline.shards import read_index
+from pipeline.runner import Runner, StopSignals, plan, score
+from pipeline.shards import open_shard
 from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
 
 MAX_PIXELS = 300 * 300  # the fixture's "huge" image is 400×400
@@ -62,28 +63,52 @@ def test_bad_shards_are_reported_and_the_rest_scored(shards, tmp_path):
     assert r.returncode == 1
     assert (out / "part-000001.parquet").exists()
     assert not (out / "broken.parquet").exists() and not (out / "gone.parquet").exists()
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert set(manifest["failed"]) == {"broken", "gone"} and not manifest["complete"]
     assert "truncated" in manifest["failed"]["broken"] and "no such file" in manifest["failed"]["gone"]
     assert not (out / "_SUCCESS").exists()
     assert "shard failed shard=" in r.stdout + r.stderr
 
 
-def test_a_shard_that_fails_while_being_read(shards, tmp_path):
-    """The index is fine but a tar header inside is not: the shard gets no Parquet, the others do."""
-    bad = tmp_path / "damaged.tar"
-    shutil.copy(shards[0], bad)
-    shutil.copy(shards[0][:-4] + ".idx", tmp_path / "damaged.idx")  # newer than the tar: reused as is
-    header = read_index(str(tmp_path / "damaged.idx"))[4].components["jpg"][0] - 512
-    with open(bad, "r+b") as f:
-        f.seek(header)
-        f.write(b"\xff" * 512)
+def test_a_compressed_shard_that_fails_while_being_read(shards, tmp_path):
+    """The index is fine but the gzip stream is damaged half-way: the shard gets no Parquet, the others do."""
+    bad = tmp_path / "damaged.tar.gz"
+    with open(shards[0], "rb") as src, gzip.open(bad, "wb") as dst:
+        dst.write(src.read())
+    assert open_shard(str(bad)).count == 9  # indexed while intact
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    bad.write_bytes(data)
+    os.utime(bad.with_suffix("").with_suffix(".idx"))  # the index stays newer than the shard: reused as is
     out = tmp_path / "out"
     r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[2]},{bad}]", f"output.dir={out}", "decoder=torch")
-    assert r.returncode == 1
+    assert r.returncode == 1, r.stderr[-2000:]
     assert not (out / "damaged.parquet").exists() and (out / "part-000002.parquet").exists()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert "4 of the 9 samples" in manifest["failed"]["damaged"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert set(manifest["failed"]) == {"damaged"} and not manifest["complete"]
+    assert not (out / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_a_shard_that_vanishes_after_planning(shards, tmp_path, decoder):
+    """Indexed and counted, then gone before it is read: that shard is failed, the ones around it scored."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in shards:
+        shutil.copy(p, folder)
+        shutil.copy(p[:-4] + ".idx", folder)
+    settings = ScoreSettings(data=DataSettings(shards=str(folder / "part-*.tar")), output=OutputSettings(dir=str(tmp_path / "out")),
+                             model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
+                             batch_size=4, precision="fp32", decoder=decoder, progress=False)
+    planned = plan(settings)
+    os.remove(folder / "part-000001.tar")
+    with StopSignals() as signals:
+        assert Runner(planned).run(signals) == 1
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-000000.parquet", "part-000002.parquet"]
+    assert pq.read_metadata(out / "part-000002.parquet").num_rows == 5
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert list(manifest["failed"]) == ["part-000001"] and manifest["shards_done"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +159,7 @@ def test_sigkill_then_rerun_is_exactly_once(six_shards, uninterrupted, tmp_path,
     out = tmp_path / "out"
     proc = start(six_shards, out)
     if kill_after == 0:
-        assert wait_for(lambda: os.path.isdir(out / "logs"), proc)
+        assert wait_for(lambda: os.path.isdir(out / "_logs"), proc)
     else:
         assert wait_for(lambda: done_shards(out) >= kill_after, proc)
     proc.kill()
@@ -167,7 +192,7 @@ def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path):
         if p.endswith(".parquet"):
             assert pq.read_metadata(out / p).num_rows == 6  # complete shards only, never half of one
     assert [p for p in os.listdir(out) if ".tmp-" in p] == []
-    metrics = json.loads((out / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
     assert metrics["stopped_by"] == "SIGTERM" and len(metrics["shards_remaining"]) == 6 - stopped_at
     rerun = start(six_shards, out)
     log, _ = rerun.communicate(timeout=600)

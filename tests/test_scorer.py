@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from conftest import TINY, run_cli
-from pipeline.batch import Batch, Row
+from pipeline.batch import Batch, Rows
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.runner import score
+from pipeline.outputs import Logits, TopK, compute_all
 from pipeline.scorer import MicroBatchPolicy, Scorer, is_oom
 from pipeline.settings import DataSettings, ModelSettings, OomSettings, OutputSettings, ScoreSettings
 
@@ -48,13 +49,20 @@ class OomAbove(nn.Module):
 
 def make_batch(n_rows: int, batch_size: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    images = torch.randn((batch_size, 3, 4, 4), generator=g)
-    return Batch(images=images, rows=[Row(str(i), "s") for i in range(n_rows)])
+    images = torch.randn((batch_size, 3, 4, 4), generator=g).contiguous(memory_format=torch.channels_last)
+    keys = [str(i) for i in range(n_rows)]
+    return Batch(images=images, rows=Rows(keys, ["s"] * n_rows, [None] * n_rows, ["ok"] * n_rows, [None] * n_rows))
 
 
 def scorer_for(model, batch_size, regrow_after=50):
-    return Scorer(model, batch_size, topk=3, save_logits=True, device=torch.device("cpu"),
-                  oom=OomSettings(regrow_after=regrow_after))
+    scorer = Scorer(model, batch_size, device=torch.device("cpu"), oom=OomSettings(regrow_after=regrow_after))
+    outputs = [TopK(3, None), Logits(10)]
+
+    def score(batch):
+        return compute_all(outputs, scorer.forward(batch.images)[: batch.n_valid])
+
+    score.scorer = scorer
+    return score
 
 
 # --- the size policy alone -------------------------------------------------------------------------
@@ -107,12 +115,12 @@ def test_halving_gives_the_same_predictions(limit, n_rows):
     clean = scorer_for(OomAbove(limit=10**6), 16)
     expected = clean(make_batch(n_rows, 16))
     model = OomAbove(limit)
-    scorer = scorer_for(model, 16)
-    got = scorer(make_batch(n_rows, 16))
-    assert torch.equal(got.topk_index, expected.topk_index)
-    assert torch.allclose(got.topk_prob, expected.topk_prob, atol=1e-6)
-    assert torch.allclose(got.logits.float(), expected.logits.float(), atol=1e-3)
-    assert scorer.micro_batch <= limit and scorer.policy.events >= 1
+    score = scorer_for(model, 16)
+    got = score(make_batch(n_rows, 16))
+    assert torch.equal(got["topk_index"], expected["topk_index"])
+    assert torch.allclose(got["topk_prob"], expected["topk_prob"], atol=1e-6)
+    assert torch.allclose(got["logits"].float(), expected["logits"].float(), atol=1e-3)
+    assert score.scorer.micro_batch <= limit and score.scorer.policy.events >= 1
     ok_sizes = {c for c in model.calls if c <= limit}
     assert len(ok_sizes) == 1  # after halving, one static shape: the tail chunk is padded
 
@@ -127,16 +135,33 @@ def test_failed_input_is_freed_before_the_retry():
 
 def test_micro_batch_regrows_when_memory_is_back():
     model = OomAbove(limit=4, failures=2)  # 16 → 8 → 4, then memory is "back"
-    scorer = scorer_for(model, 16, regrow_after=3)
+    score = scorer_for(model, 16, regrow_after=3)
     for i in range(12):
-        scorer(make_batch(16, 16, seed=i))
+        score(make_batch(16, 16, seed=i))
+    scorer = score.scorer
     assert scorer.micro_batch == 16 and scorer.policy.min_size == 4 and scorer.policy.events == 2
 
 
 def test_oom_at_one_row_gives_up_with_context():
-    scorer = Scorer(OomAbove(limit=0), 4, 3, False, torch.device("cpu"), OomSettings(), context="model=m image_size=9")
+    scorer = Scorer(OomAbove(limit=0), 4, torch.device("cpu"), OomSettings(), context="model=m image_size=9")
     with pytest.raises(OutOfMemoryAtOneRow, match="micro-batch 1.*model=m image_size=9"):
-        scorer(make_batch(4, 4))
+        scorer.forward(make_batch(4, 4).images)
+
+
+def test_padded_tail_chunk_keeps_the_shape_and_memory_format():
+    """After halving, the tail chunk is padded to the micro-batch and stays channels_last, so the model
+    (and cuDNN's autotuner, or a compiled graph) only ever sees one layout."""
+    seen = []
+
+    class Records(OomAbove):
+        def forward(self, x):
+            seen.append((x.shape[0], x.is_contiguous(memory_format=torch.channels_last)))
+            return super().forward(x)
+
+    score_batch = scorer_for(Records(limit=4), 16)
+    score_batch(make_batch(11, 16))  # 16 rows → OOM → 8 → OOM → chunks of 4: 4, 4, 4, then 4 (3 + 1 padding)
+    assert seen[-4:] == [(4, True)] * 4
+    assert all(memory_format_kept for _, memory_format_kept in seen)
 
 
 def test_other_errors_are_not_retried():
@@ -184,7 +209,7 @@ def test_cli_oom_recovery_is_visible(shards, tmp_path):
                 "oom.inject_above=3", "decoder=dali")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OOM at micro-batch 8 on cpu; retrying at 4" in r.stderr + r.stdout
-    metrics = json.loads((tmp_path / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
     assert metrics["oom_events"] == 2 and metrics["micro_batch"] == 2 and metrics["min_micro_batch"] == 2
 
 
@@ -208,7 +233,7 @@ def test_cli_batch_size_auto_respects_memory(shards, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"batch \|\s+ms/batch \|\s+images/s \|\s+peak MB", r.stdout)
     assert re.search(r"^\s*64 \|\s+OOM", r.stdout, re.MULTILINE)
-    metrics = json.loads((tmp_path / "metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
     assert metrics["batch_size"] <= 32
     assert [p["batch"] for p in metrics["auto_batch_table"]] == [1, 2, 4, 8, 16, 32, 64]
     assert f"chose batch_size={metrics['batch_size']}" in r.stdout

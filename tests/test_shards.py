@@ -48,9 +48,13 @@ def test_same_name_in_two_folders_is_a_user_error(shards, tmp_path):
 def test_index_counts_samples_and_keys(shards):
     shard = open_shard(shards[0])
     assert shard.count == 9 and shard.error is None
-    entries = read_index(shard.index_path)
-    assert [e.key for e in entries] == [f"{i:06d}" for i in range(9)]
-    assert set(entries[0].components) == {"jpg", "cls"}
+    index = read_index(shard.index_path, spans=True)
+    assert index.keys == [f"{i:06d}" for i in range(9)]
+    assert index.extensions[0] == ["jpg", "cls"] and shard.extensions == {"jpg", "cls"}
+    with open(shards[0], "rb") as f:  # the spans point at each component's bytes
+        offset, size = index.spans[3][1]
+        f.seek(offset)
+        assert f.read(size) == b"3"
 
 
 def test_index_is_created_when_missing_and_cached_elsewhere_for_read_only_folders(shards, tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def verify(paths: list[str], out) -> subprocess.CompletedProcess:
 
 
 def assert_exactly_once(paths: list[str], out) -> None:
-    want = {(os.path.basename(p)[:-4], e.key) for p in paths for e in read_index(p[:-4] + ".idx")}
+    want = {(os.path.basename(p)[:-4], key) for p in paths for key in read_index(p[:-4] + ".idx").keys}
     rows = [(r["shard"], r["key"]) for p in paths
             for r in pq.read_table(out / f"{os.path.basename(p)[:-4]}.parquet", columns=["shard", "key"]).to_pylist()]
     assert len(rows) == len(set(rows)) and set(rows) == want
@@ -131,7 +131,7 @@ def assert_exactly_once(paths: list[str], out) -> None:
 
 
 def metrics(out, rank: int) -> dict:
-    return json.loads((out / "metrics" / f"rank-{rank:05d}.json").read_text())
+    return json.loads((out / "_metrics" / f"rank-{rank:05d}.json").read_text())
 
 
 def test_array_job_splits_shards_over_tasks(cluster, tmp_path):
@@ -149,7 +149,8 @@ def test_array_job_splits_shards_over_tasks(cluster, tmp_path):
         assert (m["rank"], m["world_size"], m["shards_written"], m["exit_code"]) == (rank, 2, 2, 0)
         assert m["images"] == sum(pq.read_metadata(out / f"s{i:02d}-000000.parquet").num_rows
                                   for i in (rank, rank + 2))
-    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["rank-00000.json", "rank-00001.json"]
+    assert sorted(p.name for p in (out / "_metrics").iterdir()) == ["done-00000.json", "done-00001.json",
+                                                               "rank-00000.json", "rank-00001.json"]
     assert (out / "_SUCCESS").exists()
     assert re.search(r"ranks +2 (of 2 )?reported: 23 images", verify(paths, out).stdout)
 

@@ -40,6 +40,7 @@ from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decode
 from pipeline.errors import EXIT_OK, UserError
 from pipeline.meter import Meter
 from pipeline.model import load_model
+from pipeline.outputs import TopK, compute_all
 from pipeline.runner import score
 from pipeline.scorer import Scorer
 from pipeline.settings import DataSettings, DistSettings, ScoreSettings
@@ -48,6 +49,7 @@ from pipeline.shards import Shard, expand_shards, open_shard
 log = logging.getLogger(__name__)
 
 WARMUP_BATCHES = 2  # as the job's Meter: left out of images/s
+KEPT_BATCHES = 16  # decoded batches model_only replays: memory bounded whatever the run's size
 
 
 @dataclass
@@ -153,18 +155,18 @@ def decode_parts(settings: ScoreSettings) -> tuple[SampleRules, Preprocess]:
 
 
 def decode_only(run: E2ERun, decoder_name: str = "dali", keep: bool = False) -> tuple[dict, list[Batch]]:
-    """Iterate the job's decoder with no model; returns (summary, the Batches when `keep`)."""
+    """Iterate the job's decoder with no model; returns (summary, up to KEPT_BATCHES Batches when `keep`)."""
     rules, preprocess = decode_parts(run.settings)
     s = run.settings
     decoder = make_decoder(decoder_name, run.shards, rules, preprocess, run.batch_size, run.device, run.dtype,
-                           s.loader.threads, s.loader.prefetch)
+                           s.loader)
     meter, kept = run.meter(), []
     try:
         for item in decoder:
             if isinstance(item, ShardFailure):
                 raise RuntimeError(f"shard {item.shard} failed: {item.reason}")
             meter.batch_done(item.n_valid)
-            if keep:
+            if keep and len(kept) < KEPT_BATCHES:  # bounded: the device need not hold the whole run
                 kept.append(item)
     finally:
         decoder.stop()
@@ -173,14 +175,21 @@ def decode_only(run: E2ERun, decoder_name: str = "dali", keep: bool = False) -> 
 
 
 def model_only(run: E2ERun) -> dict:
-    """The job's model stage (forward, softmax, top-k, copy to host) on the pre-decoded Batches."""
+    """The job's model stage (forward, softmax, top-k, copy to host) on pre-decoded Batches: as many as the
+    run has, cycling through the kept ones."""
     s = run.settings
-    scorer = Scorer(run.model(run.dtype), run.batch_size, s.model.topk, False, run.device, s.oom)
+    scorer = Scorer(run.model(run.dtype), run.batch_size, run.device, s.oom)
+    outputs = [TopK(s.model.topk, None)]
     meter = run.meter()
-    for batch in run.decoded:
+    total = -(-run.images // run.batch_size)
+    for i in range(total):
+        batch = run.decoded[i % len(run.decoded)]
+        dev.consume(batch.images, batch.ready)
+        n_valid = run.images - i * run.batch_size if i == total - 1 else run.batch_size
         with meter.timing("model"):
-            scorer(batch)
-        meter.batch_done(batch.n_valid)
+            output = scorer.forward(batch.images)[:n_valid]
+            dev.HostCopy(compute_all(outputs, output), run.device).wait()
+        meter.batch_done(n_valid)
     meter.close()
     return meter.summary()
 
@@ -193,7 +202,7 @@ def score_variant(run: E2ERun, decoder: str) -> dict:
         code = score(settings)
         if code != EXIT_OK:
             raise RuntimeError(f"jobs.score decoder={decoder} ended with exit code {code} (see its log above)")
-        with open(os.path.join(out, "metrics", "rank-00000.json")) as f:
+        with open(os.path.join(out, "_metrics", "rank-00000.json")) as f:
             metrics = json.load(f)
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -74,7 +74,7 @@ def sweep_points(settings: ScoreSettings, bench, device: torch.device,
     machine hits every point alike; a point is the median of its passes. The first pass finds the sizes
     that fit (after bench.warmup untimed runs per point); later passes re-time those.
     """
-    scorers = {p: Scorer(load_model(settings.model, device, dev.DTYPES[p], settings.seed).module, 1, 1, False,
+    scorers = {p: Scorer(load_model(settings.model, device, dev.DTYPES[p], settings.seed).module, 1,
                          device, settings.oom) for p in precisions}
     runs: dict[str, dict[int, list[dict]]] = {p: {} for p in precisions}
     for repeat in range(bench.repeats):

@@ -1,4 +1,5 @@
-"""Decoders: iterate this rank's shards as fixed-size Batches. `dali` and `torch` share preprocessing."""
+"""Decoders: iterate this rank's shards as fixed-size Batches. `dali` and `torch` share the header checks
+(`samples`), the preprocessing geometry and the normalisation (`assemble`)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ def choose_decoder(name: str, shards: list[Shard]) -> str:
 
 
 def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, threads: int, prefetch: int):
+                 device: torch.device, dtype: torch.dtype, loader, inject_oom_above: int | None = None):
+    """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options)."""
     if name == "dali":
         from pipeline.decode.dali import DaliDecoder as cls
     else:
         from pipeline.decode.torch import TorchDecoder as cls
-    return cls(shards, rules, preprocess, batch_size, device, dtype, threads, prefetch)
+    return cls(shards, rules, preprocess, batch_size, device, dtype, loader, inject_oom_above)
 
 
 __all__ = ["Preprocess", "SampleRules", "choose_decoder", "make_decoder"]

@@ -1,12 +1,12 @@
-"""Turn a stream of (row, image) pairs into fixed-size Batches, and run that work in the background.
+"""What both back-ends share after decoding: the preprocessing geometry, normalisation into fixed-size
+batch tensors on the scoring device, and the background thread that produces batches.
 
-Both back-ends end here, so padding, placeholders, normalisation and the device copy are the same
-code whichever decoder produced the pixels.
+Normalisation, placeholders and padding are the same code whichever decoder produced the pixels, so
+the same uint8 crop gives the same model input in both.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import queue
 import threading
@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.batch import Batch, Row, ShardFailure
-
-log = logging.getLogger(__name__)
+from pipeline import device as dev
+from pipeline.batch import Batch, Rows, ShardFailure
 
 
 @dataclass(frozen=True)
@@ -42,48 +41,75 @@ class Preprocess:
         return (math.floor((height - self.crop_size) / 2 + 0.5), math.floor((width - self.crop_size) / 2 + 0.5))
 
 
-class BatchAssembler:
-    """Collects rows with their images (None for error rows) and emits Batches of exactly `batch_size`.
-
-    Images arrive either as uint8 [3, H, W] (normalised here, on the device) or already normalised
-    floating point; placeholders are zeros, i.e. the mean colour after normalisation.
-    """
+class Normalizer:
+    """uint8 crops → the model's input: (x - mean) / std in the model dtype, written into a batch tensor
+    of exactly `batch_size` rows (channels_last). Placeholder and padding rows are zeros."""
 
     def __init__(self, batch_size: int, preprocess: Preprocess, device: torch.device, dtype: torch.dtype):
-        self.batch_size = batch_size
-        self.device = device
-        self.dtype = dtype
-        self.size = preprocess.crop_size
+        self.batch_size, self.size, self.device, self.dtype = batch_size, preprocess.crop_size, device, dtype
         self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
-        self.pending: list[tuple[Row, torch.Tensor | None]] = []
 
-    def add(self, rows: list[Row], images: list[torch.Tensor | None]) -> Iterator[Batch]:
-        self.pending.extend(zip(rows, images))
-        while len(self.pending) >= self.batch_size:
-            chunk, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
-            yield self._make(chunk)
+    def batch(self, crops: torch.Tensor, positions: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+        """A new batch tensor holding `crops` (uint8 [n, 3, S, S], any memory format, on the device) at
+        `positions` (None: rows 0…n-1). `rows` is how many rows are real; the rest are zeros."""
+        images = torch.empty((self.batch_size, 3, self.size, self.size), dtype=self.dtype, device=self.device,
+                             memory_format=torch.channels_last)
+        n = crops.shape[0] if rows is None else rows
+        if positions is None:
+            self._normalize(crops, images[: crops.shape[0]])
+            images[crops.shape[0]:].zero_()
+            return images
+        images.zero_()
+        if crops.shape[0]:
+            target = torch.empty((crops.shape[0], 3, self.size, self.size), dtype=self.dtype, device=self.device,
+                                 memory_format=torch.channels_last)
+            self._normalize(crops, target)
+            images[:n].index_copy_(0, positions, target)
+        return images
+
+    def _normalize(self, crops: torch.Tensor, out: torch.Tensor) -> None:
+        if out.dtype == torch.float32:
+            out.copy_(crops).sub_(self.mean).div_(self.std)
+        else:
+            out.copy_((crops.float() - self.mean) / self.std)
+
+
+class BatchAssembler:
+    """Fills fixed-size batches from chunks of rows with their uint8 crops ([n, 3, S, S], zeros for rows
+    that are not ok), as the torch back-end's workers send them."""
+
+    def __init__(self, normalizer: Normalizer):
+        self.normalizer = normalizer
+        self.batch_size = normalizer.batch_size
+        self._rows = Rows()
+        self._crops: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, rows: Rows, crops: torch.Tensor) -> Iterator[Batch]:
+        start = 0
+        while start < len(rows):
+            take = min(self.batch_size - self._count, len(rows) - start)
+            self._rows.extend(rows.slice(start, start + take))
+            self._crops.append(crops[start : start + take])
+            self._count += take
+            start += take
+            if self._count == self.batch_size:
+                yield self._make()
 
     def flush(self) -> Iterator[Batch]:
         """The padded tail batch, if any rows are left."""
-        if self.pending:
-            chunk, self.pending = self.pending, []
-            yield self._make(chunk)
+        if self._count:
+            yield self._make()
 
-    def _make(self, chunk: list[tuple[Row, torch.Tensor | None]]) -> Batch:
-        shape = (self.batch_size, 3, self.size, self.size)
-        images = torch.zeros(shape, dtype=self.dtype, device=self.device).contiguous(memory_format=torch.channels_last)
-        present = [(i, img) for i, (_, img) in enumerate(chunk) if img is not None]
-        if present:
-            index = torch.tensor([i for i, _ in present], device=self.device)
-            stacked = torch.stack([img for _, img in present])
-            if self.device.type == "cuda" and stacked.device.type == "cpu":
-                stacked = stacked.pin_memory()
-            stacked = stacked.to(self.device, non_blocking=True)
-            if stacked.dtype == torch.uint8:
-                stacked = (stacked.float() - self.mean) / self.std
-            images.index_copy_(0, index, stacked.to(self.dtype))
-        return Batch(images=images, rows=[row for row, _ in chunk])
+    def _make(self) -> Batch:
+        crops = self._crops[0] if len(self._crops) == 1 else torch.cat(self._crops)
+        device = self.normalizer.device
+        if device.type == "cuda":
+            crops = crops.pin_memory().to(device, non_blocking=True)
+        batch = Batch(self.normalizer.batch(crops), self._rows, dev.record_event(device))
+        self._rows, self._crops, self._count = Rows(), [], 0
+        return batch
 
 
 _DONE = object()
@@ -92,12 +118,15 @@ _DONE = object()
 class BackgroundBatches:
     """Runs `produce()` in a thread, `depth` items ahead of the consumer; errors re-raise in the consumer.
 
-    Decoding (DALI threads or DataLoader workers, plus the assembly above) then overlaps with the model
-    running in the main thread.
+    Decoding (DALI threads or DataLoader workers, plus normalisation) then overlaps with the model in the
+    main thread. On CUDA the thread queues its work on a stream of its own, and each Batch carries the
+    event the consumer waits on, so decoding never waits for the model's work in flight.
     """
 
-    def __init__(self, produce: Callable[[Callable[[], bool]], Iterator[Batch | ShardFailure]], depth: int):
+    def __init__(self, produce: Callable[[Callable[[], bool]], Iterator[Batch | ShardFailure]], depth: int,
+                 device: torch.device):
         self._produce = produce
+        self._device = device
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardscore-decode", daemon=True)
@@ -120,13 +149,15 @@ class BackgroundBatches:
                 self._queue.get(timeout=0.1)
             except queue.Empty:
                 pass
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         try:
-            for item in self._produce(self._stop.is_set):
-                if not self._put(item):
-                    return
+            with dev.on_stream(dev.new_stream(self._device)):
+                for item in self._produce(self._stop.is_set):
+                    if not self._put(item):
+                        return
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(e)
             return

@@ -1,7 +1,8 @@
-"""What both decoders do alike before decoding: pick a sample's image, check it, make its Row.
+"""What both decoders do alike before decoding: pick a sample's image, check it, give it a status.
 
-Checks only read the image header, so a bad or hostile file becomes an error row without ever being
-decoded, and both back-ends give the same status for the same bytes.
+Checks only read the image header (`headers.image_header`, a few bytes for JPEG, PNG and WebP; PIL
+for anything else, to name what it is), so a bad or hostile file becomes an error row without ever
+being decoded, and both back-ends give the same status for the same bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.batch import OK, Row
+from pipeline.batch import OK
+from pipeline.decode.headers import BadHeader, image_header
 
 # Formats both back-ends decode (MPO is the multi-picture JPEG many cameras write).
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
@@ -32,47 +34,62 @@ class SampleRules:
     def is_label(self, ext: str) -> bool:
         return self.label_extension is not None and ext.lower() == self.label_extension.lower()
 
+    def image_of(self, extensions) -> str | None:
+        """The image component of a sample with these extensions (in tar order): the first that is one."""
+        return next((ext for ext in extensions if ext.lower() in self.image_extensions), None)
 
-def make_row(key: str, shard: str, image: bytes | None, label: bytes | None,
-             rules: SampleRules, seen_keys: set[str]) -> Row:
-    """The Row for one sample; status ok means `image` should be decoded."""
-    label_value = parse_label(label)
+    def label_of(self, extensions) -> str | None:
+        return next((ext for ext in extensions if self.is_label(ext)), None)
+
+
+def sample_status(key: str, image, rules: SampleRules, seen_keys: set[str]) -> tuple[str, str | None]:
+    """(status, error) of one sample; ok means `image` should be decoded. `image` is None when the
+    sample has no image component, else its bytes (any bytes-like object)."""
     if key in seen_keys:
-        return Row(key, shard, label_value, "duplicate_key", f"key {key!r} occurs more than once in the shard")
+        return "duplicate_key", f"key {key!r} occurs more than once in the shard"
     seen_keys.add(key)
     if image is None:
-        wanted = "|".join(rules.image_extensions)
-        return Row(key, shard, label_value, "missing_image", f"sample has no image component ({wanted})")
-    status, error = check_image(image, rules.max_pixels)
-    return Row(key, shard, label_value, status, error)
+        return "missing_image", f"sample has no image component ({'|'.join(rules.image_extensions)})"
+    return check_image(image, rules.max_pixels)
 
 
 def check_image(data, max_pixels: int) -> tuple[str, str | None]:
-    """Status from the header alone: empty, not a supported image, or too many pixels."""
+    """Status from the header alone: empty, broken, not a supported image, or too many pixels."""
     if len(data) == 0:
         return "empty_image", "zero-byte image"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                fmt = im.format
-    except Image.DecompressionBombError as e:
-        return "too_large", one_line(e)
-    except Exception:  # PIL raises many kinds for garbage; all mean the same here
-        return "decode_error", "not a JPEG, PNG or WebP image (unrecognised bytes)"
-    if fmt not in DECODABLE_FORMATS:
-        return "unsupported_format", f"{fmt} image; supported: JPEG, PNG, WEBP"
+        header = image_header(data)
+    except BadHeader as e:
+        return "decode_error", f"corrupt image header: {e}"
+    if header is None:
+        return _check_other_format(data, max_pixels)
+    fmt, width, height = header
     if width * height > max_pixels:
         return "too_large", f"{width}x{height} = {width * height} pixels > data.max_pixels={max_pixels}"
     return OK, None
 
 
-def parse_label(data: bytes | None) -> int | None:
+def _check_other_format(data, max_pixels: int) -> tuple[str, str | None]:
+    """Not a JPEG, PNG or WebP: ask PIL what it is, to say so."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as im:
+                fmt = im.format
+    except Image.DecompressionBombError as e:
+        return "too_large", one_line(e)
+    except Exception:  # PIL raises many kinds for garbage; all mean the same here
+        return "decode_error", "not a JPEG, PNG or WebP image (unrecognised bytes)"
+    if fmt in DECODABLE_FORMATS:  # PIL reads a header image_header rejects: not safe to decode
+        return "decode_error", f"{fmt} image with a header shardscore cannot read"
+    return "unsupported_format", f"{fmt} image; supported: JPEG, PNG, WEBP"
+
+
+def parse_label(data) -> int | None:
     if not data:
         return None
     try:
-        return int(bytes(data).decode().strip())
+        return int(bytes(data))
     except ValueError:
         return None
 

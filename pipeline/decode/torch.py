@@ -1,15 +1,18 @@
-"""torch back-end: `webdataset`'s tar reader + `torchvision.io.decode_image` + `transforms.v2`,
-in DataLoader workers. Also the path for .tar.gz shards and machines without DALI.
+"""torch back-end: `torchvision.io.decode_image` + `transforms.v2` in DataLoader workers. Also the
+path for .tar.gz shards and machines without DALI.
 
-Each worker reads whole shards (so a shard's rows keep their order) and sends chunks of rows with
-their uint8 crops; normalisation happens on the scoring device in the shared BatchAssembler.
+A plain tar is read as DALI reads it: by its index file, each component a view of the memory-mapped
+shard, with no tar parsing per sample. Compressed tars, which have no random access, are streamed
+with webdataset's tar reader. Each worker reads whole shards (so a shard's rows keep their order) and
+sends chunks of rows as columns with their uint8 crops in one tensor; normalisation happens on the
+scoring device, in the same code the DALI back-end uses.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -18,14 +21,14 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 from webdataset.tariterators import tar_file_iterator
 
-from pipeline.batch import OK, Batch, Row, ShardFailure
-from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Preprocess
-from pipeline.decode.samples import SampleRules, make_row, one_line
-from pipeline.shards import Shard
+from pipeline.batch import OK, Batch, Rows, ShardFailure
+from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess
+from pipeline.decode.samples import SampleRules, one_line, parse_label, sample_status
+from pipeline.shards import Shard, read_index
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 32
+CHUNK_ROWS = 256
 INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
           "nearest": InterpolationMode.NEAREST}
 
@@ -33,16 +36,17 @@ INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.B
 class TorchDecoder:
     """Yields fixed-size Batches (and ShardFailures) for `shards`."""
 
+    fallbacks = 0  # each image is decoded on its own here: a bad one never costs a batch
+    oom_events = 0
+
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, threads: int, prefetch: int):
+                 device: torch.device, dtype: torch.dtype, loader, inject_oom_above: int | None = None):
         self.dataset = ShardSamples(shards, rules, preprocess)
-        self.batch_size = batch_size
-        self.preprocess = preprocess
-        self.device = device
-        self.dtype = dtype
-        self.workers = min(threads, len(shards))
-        self.prefetch = prefetch
-        self._background = BackgroundBatches(self._produce, prefetch)
+        self.normalizer = Normalizer(batch_size, preprocess, device, dtype)
+        self.workers = min(loader.threads, len(shards))
+        self.prefetch = loader.prefetch
+        self.pin = device.type == "cuda"
+        self._background = BackgroundBatches(self._produce, loader.prefetch, device)
 
     def __iter__(self) -> Iterator[Batch | ShardFailure]:
         return iter(self._background)
@@ -52,25 +56,21 @@ class TorchDecoder:
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            prefetch_factor=self.prefetch if self.workers else None,
-                            pin_memory=self.device.type == "cuda")
-        assembler = BatchAssembler(self.batch_size, self.preprocess, self.device, self.dtype)
+                            prefetch_factor=self.prefetch if self.workers else None, pin_memory=self.pin)
+        assembler = BatchAssembler(self.normalizer)
         for item in loader:
             if stopped():
                 return
             if isinstance(item, ShardFailure):
                 yield item
                 continue
-            rows, positions, crops = item
-            images: list[torch.Tensor | None] = [None] * len(rows)
-            for position, crop in zip(positions, crops):
-                images[position] = crop
-            yield from assembler.add(rows, images)
+            rows, crops = item
+            yield from assembler.add(rows, crops)
         yield from assembler.flush()
 
 
 class ShardSamples(IterableDataset):
-    """Chunks of (rows, positions of decoded rows, uint8 crops [n, 3, S, S]) per shard; worker i reads
+    """Chunks of (Rows, uint8 crops [n, 3, S, S], zeros where a row is not ok) per shard; worker i reads
     shards i, i+W, …; a shard that cannot be read to its end yields a ShardFailure."""
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess):
@@ -85,21 +85,17 @@ class ShardSamples(IterableDataset):
             yield from self._chunks(shard)
 
     def _chunks(self, shard: Shard):
-        rows, positions, crops = [], [], []
+        size = self.preprocess.crop_size
+        rows, crops = Rows(), torch.empty((CHUNK_ROWS, 3, size, size), dtype=torch.uint8)
         seen: set[str] = set()
         produced = 0
         try:
-            with open(shard.path, "rb") as stream:
-                for key, components in group_by_key(tar_file_iterator(stream, skip_meta=None)):
-                    row, crop = self._sample(shard, key, components, seen)
-                    if crop is not None:
-                        positions.append(len(rows))
-                        crops.append(crop)
-                    rows.append(row)
-                    produced += 1
-                    if len(rows) == CHUNK_ROWS:
-                        yield rows, positions, _stack(crops, self.preprocess.crop_size)
-                        rows, positions, crops = [], [], []
+            for key, components in samples_of(shard):
+                self._sample(shard, key, components, seen, rows, crops)
+                produced += 1
+                if len(rows) == CHUNK_ROWS:
+                    yield rows, crops
+                    rows, crops = Rows(), torch.empty((CHUNK_ROWS, 3, size, size), dtype=torch.uint8)
             if produced != shard.count:  # tarfile ends quietly at a damaged header
                 raise OSError(f"tar ended after {produced} of the {shard.count} samples its index lists")
         except Exception as e:  # a truncated or unreadable tar: the whole shard is failed
@@ -107,29 +103,58 @@ class ShardSamples(IterableDataset):
             yield ShardFailure(shard.name, one_line(e))
             return
         if rows:
-            yield rows, positions, _stack(crops, self.preprocess.crop_size)
+            yield rows, crops[: len(rows)]
 
-    def _sample(self, shard: Shard, key: str, components: dict[str, bytes], seen: set[str]):
-        image = next((data for ext, data in components.items() if self.rules.is_image(ext)), None)
-        label = next((data for ext, data in components.items() if self.rules.is_label(ext)), None)
-        row = make_row(key, shard.name, image, label, self.rules, seen)
-        if row.status != OK:
-            return row, None
-        try:
-            return row, self._transform(image)
-        except Exception as e:  # torchvision's message starts with its source location: keep the reason
-            reason = one_line(e).rsplit(", ", 1)[-1]
-            return replace(row, status="decode_error", error=f"corrupt or truncated image data (torchvision: {reason})"), None
+    def _sample(self, shard: Shard, key: str, components: dict[str, bytes], seen: set[str], rows: Rows,
+                crops: torch.Tensor) -> None:
+        rules = self.rules
+        image_ext, label_ext = rules.image_of(components), rules.label_of(components)
+        image = components[image_ext] if image_ext is not None else None
+        status, error = sample_status(key, image, rules, seen)
+        if status == OK:
+            try:
+                crops[len(rows)] = self._transform(image)
+            except Exception as e:  # torchvision's message starts with its source location: keep the reason
+                reason = one_line(e).rsplit(", ", 1)[-1]
+                status, error = "decode_error", f"corrupt or truncated image data (torchvision: {reason})"
+        if status != OK:
+            crops[len(rows)].zero_()  # a placeholder, never scored
+        rows.keys.append(key)
+        rows.shards.append(shard.name)
+        rows.labels.append(parse_label(components[label_ext]) if label_ext is not None else None)
+        rows.status.append(status)
+        rows.errors.append(error)
 
-    def _transform(self, data: bytes) -> torch.Tensor:
+    def _transform(self, data) -> torch.Tensor:
         p = self.preprocess
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        encoded = torch.frombuffer(data if isinstance(data, memoryview) else bytearray(data), dtype=torch.uint8)
+        # Orientation as cameras intend, as DALI's decoder applies it.
+        image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
             image = F.to_dtype(image, torch.uint8, scale=True)
         height, width = p.resized_shape(*image.shape[-2:])
-        image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
+        if (height, width) != tuple(image.shape[-2:]):
+            image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
         top, left = p.crop_origin(height, width)
-        return F.crop(image, top, left, p.crop_size, p.crop_size)
+        return image[:, top : top + p.crop_size, left : left + p.crop_size]
+
+
+def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
+    """(key, {extension: data}) for every sample, in tar order. For a plain tar, data are writable views
+    of a private memory map (copy-on-write, never written); for a compressed one, bytes."""
+    if not shard.is_plain_tar:
+        with open(shard.path, "rb") as stream:
+            yield from group_by_key(tar_file_iterator(stream, skip_meta=None))
+        return
+    index = read_index(shard.index_path, spans=True)
+    with open(shard.path, "rb") as f:
+        # Unmapped when the last view of it is gone (views may outlive this generator).
+        data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+    for key, extensions, spans in zip(index.keys, index.extensions, index.spans):
+        components = {}
+        for ext, (offset, size) in zip(extensions, spans):
+            components.setdefault(ext, data[offset : offset + size])
+        yield key, components
 
 
 def group_by_key(files: Iterator[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -148,7 +173,3 @@ def group_by_key(files: Iterator[dict]) -> Iterator[tuple[str, dict[str, bytes]]
         components.setdefault(ext, f["data"])
     if key is not None:
         yield key, components
-
-
-def _stack(crops: list[torch.Tensor], size: int) -> torch.Tensor:
-    return torch.stack(crops) if crops else torch.empty((0, 3, size, size), dtype=torch.uint8)
