@@ -98,10 +98,10 @@ ORIENTATIONS = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.
                 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def exif_rotated(folder: str) -> tuple[str, str]:
-    """(a shard of JPEGs tagged with each EXIF orientation, the same photos already turned upright and
-    untagged): scoring both must give the same rows."""
-    tagged, upright = [], []
+def exif_rotated(folder: str) -> tuple[str, str, str]:
+    """(a shard of JPEGs tagged with each EXIF orientation, the same photos turned upright and untagged,
+    the same photos as stored, not turned): scoring the first two must give the same rows."""
+    tagged, upright, unturned = [], [], []
     for (orientation, transpose), image in zip(ORIENTATIONS.items(), photos(8, seed=25, low=80, high=150)):
         image = image.crop((0, 0, image.width, image.height * 2 // 3))  # not square: a rotation shows
         exif = Image.Exif()
@@ -112,8 +112,10 @@ def exif_rotated(folder: str) -> tuple[str, str]:
         # What the camera meant: the stored pixels, turned; kept losslessly.
         stored = _decoded(jpeg)
         upright.append((key, {"png": encode(stored.transpose(transpose) if transpose is not None else stored, "PNG")}))
+        unturned.append((key, {"png": encode(stored, "PNG")}))
     return (write_tar(os.path.join(folder, "exif.tar"), tagged),
-            write_tar(os.path.join(folder, "upright.tar"), upright))
+            write_tar(os.path.join(folder, "upright.tar"), upright),
+            write_tar(os.path.join(folder, "unturned.tar"), unturned))
 
 
 def _decoded(jpeg: bytes) -> Image.Image:
