@@ -136,7 +136,7 @@ class _IndexCreator(IndexCreator):
         if os.path.getsize(self.uri) > SMALL_TAR_BYTES:
             yield from super()._get_data_tar()
             return
-        with tarfile.open(self.uri) as archive:
+        with tarfile.open(self.uri, "r:" if self.uri.endswith(PLAIN_TAR) else "r:*") as archive:
             for member in archive:
                 if member.isreg():
                     yield member.offset_data, member.name, member.size
@@ -152,7 +152,7 @@ def create_index(path: str, idx: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    log.info("indexed shard=%s index=%s", path, idx)
+    log.debug("indexed shard=%s index=%s", path, idx)
 
 
 def read_index(idx: str, spans: bool = False) -> ShardIndex:

@@ -163,7 +163,7 @@ class ShardWriter:
         self.committed[shard] = {"rows": len(rows), "status_counts": dict(counts)}
         self.rows_written += len(rows)
         self.status_counts.update(counts)
-        log.info("wrote shard=%s rows=%d path=%s", shard, len(rows), final)
+        log.debug("wrote shard=%s rows=%d path=%s", shard, len(rows), final)
 
     def _table(self, rows: Rows, values: list[dict[str, np.ndarray]], metadata: dict) -> pa.Table:
         merged = {name: np.concatenate([v[name] for v in values]) if len(values) > 1 else values[0][name]

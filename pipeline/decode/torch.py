@@ -70,60 +70,57 @@ class TorchDecoder:
 
 
 class ShardSamples(IterableDataset):
-    """Chunks of (Rows, uint8 crops [n, 3, S, S], zeros where a row is not ok) per shard; worker i reads
-    shards i, i+W, …; a shard that cannot be read to its end yields a ShardFailure."""
+    """Chunks of up to CHUNK_ROWS rows, in order, with their uint8 crops [n, 3, S, S] (zeros where a row is
+    not ok); worker i reads shards i, i+W, …; a shard that cannot be read to its end yields a ShardFailure."""
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess):
         self.shards = shards
         self.rules = rules
         self.preprocess = preprocess
+        size = preprocess.crop_size
+        self._placeholder = torch.zeros((3, size, size), dtype=torch.uint8)  # never scored
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rows, crops = Rows(), []
         for shard in self.shards[worker::workers]:
-            yield from self._chunks(shard)
-
-    def _chunks(self, shard: Shard):
-        size = self.preprocess.crop_size
-        rows, crops = Rows(), torch.empty((CHUNK_ROWS, 3, size, size), dtype=torch.uint8)
-        seen: set[str] = set()
-        produced = 0
-        try:
-            for key, components in samples_of(shard):
-                self._sample(shard, key, components, seen, rows, crops)
-                produced += 1
-                if len(rows) == CHUNK_ROWS:
-                    yield rows, crops
-                    rows, crops = Rows(), torch.empty((CHUNK_ROWS, 3, size, size), dtype=torch.uint8)
-            if produced != shard.count:  # tarfile ends quietly at a damaged header
-                raise OSError(f"tar ended after {produced} of the {shard.count} samples its index lists")
-        except Exception as e:  # a truncated or unreadable tar: the whole shard is failed
-            log.error("shard failed shard=%s reason=%s", shard.path, one_line(e))
-            yield ShardFailure(shard.name, one_line(e))
-            return
+            start, seen, produced = len(rows), set(), 0  # start: where this shard's rows begin in the chunk
+            try:
+                for key, components in samples_of(shard):
+                    crops.append(self._sample(shard, key, components, seen, rows))
+                    produced += 1
+                    if len(rows) == CHUNK_ROWS:
+                        yield rows, torch.stack(crops)
+                        rows, crops, start = Rows(), [], 0
+                if produced != shard.count:  # tarfile ends quietly at a damaged header
+                    raise OSError(f"tar ended after {produced} of the {shard.count} samples its index lists")
+            except Exception as e:  # a truncated or unreadable tar: the whole shard is failed
+                log.error("shard failed shard=%s reason=%s", shard.path, one_line(e))
+                rows, crops = rows.slice(0, start), crops[:start]  # rows already sent: the writer drops them
+                yield ShardFailure(shard.name, one_line(e))
         if rows:
-            yield rows, crops[: len(rows)]
+            yield rows, torch.stack(crops)
 
-    def _sample(self, shard: Shard, key: str, components: dict[str, bytes], seen: set[str], rows: Rows,
-                crops: torch.Tensor) -> None:
+    def _sample(self, shard: Shard, key: str, components: dict, seen: set[str], rows: Rows) -> torch.Tensor:
+        """Appends the sample's row; returns its uint8 crop, or a placeholder when it is not ok."""
         rules = self.rules
         image_ext, label_ext = rules.image_of(components), rules.label_of(components)
         image = components[image_ext] if image_ext is not None else None
         status, error = sample_status(key, image, rules, seen)
+        crop = self._placeholder
         if status == OK:
             try:
-                crops[len(rows)] = self._transform(image)
+                crop = self._transform(image)
             except Exception as e:  # torchvision's message starts with its source location: keep the reason
                 reason = one_line(e).rsplit(", ", 1)[-1]
                 status, error = "decode_error", f"corrupt or truncated image data (torchvision: {reason})"
-        if status != OK:
-            crops[len(rows)].zero_()  # a placeholder, never scored
         rows.keys.append(key)
         rows.shards.append(shard.name)
         rows.labels.append(parse_label(components[label_ext]) if label_ext is not None else None)
         rows.status.append(status)
         rows.errors.append(error)
+        return crop
 
     def _transform(self, data) -> torch.Tensor:
         p = self.preprocess
