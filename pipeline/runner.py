@@ -98,9 +98,11 @@ class Plan:
     metadata: dict
     rules: SampleRules
     preprocess: Preprocess
+    started: float  # perf_counter at the start of planning: the job's own time, imports aside
 
 
 def plan(settings: ScoreSettings, resolved_config: dict | None = None) -> Plan:
+    started = time.perf_counter()
     device = dev.resolve_device(settings.device)
     precision = dev.resolve_precision(settings.precision, device)
     dtype = dev.DTYPES[precision]
@@ -128,7 +130,7 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None) -> Plan:
     rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
     preprocess = Preprocess(m.resize_size, m.crop_size, m.mean, m.std, m.interpolation)
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
-                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess)
+                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess, started)
 
 
 class Runner:
@@ -207,7 +209,9 @@ class Runner:
 
     def _report(self, meter: Meter, stopped_by, decoder, fatal, skipped: int) -> int:
         """Print the summary, write the metrics and this rank's completion record; returns the exit code."""
-        writer, summary, p = self.writer, meter.summary(), self.p
+        writer, p = self.writer, self.p
+        writer.sync()  # every file handed to the writer thread is on disk (or its shard failed) from here
+        summary = meter.summary()
         print(f"scored {summary['images']} images in {summary['seconds']:.1f} s: "
               f"{summary['sustained_images_per_sec']:.1f} images/s sustained", flush=True)
         remaining = writer.incomplete()
@@ -238,10 +242,11 @@ class Runner:
             "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
             "decode_oom_events": getattr(decoder, "oom_events", 0),
             "auto_batch_table": p.auto_table, "stopped_by": stopped_by, "exit_code": exit_code,
-            "finished_at": time.time(),
+            # from planning (shard indexing included) to every file on disk
+            "job_seconds": round(time.perf_counter() - p.started, 3), "finished_at": time.time(),
         }
         log.info("metrics=%s", write_metrics(out_dir, p.rank, metrics))
-        writer.sync()
+        writer.close()
         status_counts: collections.Counter = collections.Counter()
         for done in writer.committed.values():
             status_counts.update(done["status_counts"])

@@ -1,9 +1,10 @@
 """Per-shard Parquet files: buffer a shard's rows until all of them are in, then write the file
 atomically (temporary name, fsync, rename). A reader, or a rerun, never sees half a shard.
 
-Rows arrive as columns per batch; a shard's file is built from them with one Arrow call per column.
-Whether a shard's file is complete is decided by one rule, `shard_complete`, which resume, the
-completion records and `jobs.verify` all use.
+Rows arrive as columns per batch; a shard's table is built from them with one Arrow call per column,
+and a writer thread encodes, syncs and renames it (pyarrow and fsync release the GIL), so the loop
+goes on scoring meanwhile. Whether a shard's file is complete is decided by one rule,
+`shard_complete`, which resume, the completion records and `jobs.verify` all use.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import collections
 import json
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 META_KEY = b"shardscore"
 TMP_MARK = ".tmp-"
+MAX_PENDING_BYTES = 256 * 2**20  # tables handed to the writer thread and not yet on disk
 # What makes two runs' rows interchangeable: a file written under another identity is redone.
 IDENTITY_KEYS = ("model", "weights", "precision", "outputs")
 
@@ -92,6 +96,9 @@ class ShardWriter:
         self.committed: dict[str, dict] = {}  # shard → {"rows", "status_counts"}, this run's and resumed ones
         self.rows_written = 0
         self.status_counts: collections.Counter = collections.Counter()
+        self._thread = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardscore-write")
+        self._pending: deque = deque()  # (shard, rows, status counts, bytes, future) in submission order
+        self._pending_bytes = 0
         os.makedirs(out_dir, exist_ok=True)
 
     def path(self, shard: str) -> str:
@@ -137,33 +144,61 @@ class ShardWriter:
             self._buffers[shard] = _ShardBuffer(self._buffers[shard].expected)
 
     def incomplete(self) -> list[str]:
+        """Shards neither failed nor on disk (call `sync` first: files being written are not done yet)."""
         return [s for s in self._buffers if s not in self.failed and s not in self.committed]
 
     def sync(self) -> None:
-        """Make the renames of this run's files durable: one directory fsync rather than one per shard
-        (a rename lost in a crash only means that shard is redone)."""
+        """Wait for every file handed to the writer thread, then make the renames durable: one directory
+        fsync rather than one per shard (a rename lost in a crash only means that shard is redone)."""
+        self._collect(keep_bytes=0)
         fd = os.open(self.out_dir, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    def close(self) -> None:
+        self._collect(keep_bytes=0)
+        self._thread.shutdown(wait=True)
+
     def _commit(self, shard: str) -> None:
         buf = self._buffers[shard]
+        self._buffers[shard] = _ShardBuffer(buf.expected)  # the table below holds what is needed
         rows = buf.rows[0] if len(buf.rows) == 1 else _concat_rows(buf.rows)
         counts = collections.Counter(rows.status)
         table = self._table(rows, buf.values, {**self.metadata, "rows": len(rows), "status_counts": dict(counts)})
+        self._collect(keep_bytes=MAX_PENDING_BYTES - table.nbytes)
+        self._pending.append((shard, len(rows), counts, table.nbytes, self._thread.submit(self._write_file, shard, table)))
+        self._pending_bytes += table.nbytes
+
+    def _collect(self, keep_bytes: int) -> None:
+        """Account for the files the writer thread has finished, waiting until at most `keep_bytes` of
+        tables are pending. A file that cannot be written (disk full, say) fails its shard; the run goes on."""
+        while self._pending and (self._pending_bytes > keep_bytes or self._pending[0][4].done()):
+            shard, rows, counts, size, future = self._pending.popleft()
+            self._pending_bytes -= size
+            try:
+                future.result()
+            except OSError as e:
+                log.error("shard failed shard=%s reason=cannot write its Parquet file: %s", shard, e)
+                self.failed[shard] = f"cannot write its Parquet file: {e}"
+                continue
+            self.committed[shard] = {"rows": rows, "status_counts": dict(counts)}
+            self.rows_written += rows
+            self.status_counts.update(counts)
+
+    def _write_file(self, shard: str, table: pa.Table) -> None:
         final = self.path(shard)
         tmp = os.path.join(self.out_dir, f".{shard}.parquet{TMP_MARK}{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        self._buffers[shard] = _ShardBuffer(buf.expected)  # free the rows
-        self.committed[shard] = {"rows": len(rows), "status_counts": dict(counts)}
-        self.rows_written += len(rows)
-        self.status_counts.update(counts)
-        log.debug("wrote shard=%s rows=%d path=%s", shard, len(rows), final)
+        try:
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=["shard", "status"])
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, final)
 
     def _table(self, rows: Rows, values: list[dict[str, np.ndarray]], metadata: dict) -> pa.Table:
         merged = {name: np.concatenate([v[name] for v in values]) if len(values) > 1 else values[0][name]

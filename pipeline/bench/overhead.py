@@ -8,8 +8,11 @@ the same tars: tarfile reads every member and PIL opens every image's header, no
 
 Per shard: the same rows as few big shards and as many small ones, each a whole `jobs.score` process
 from index creation to the completion record; (wall(many) − wall(few)) / (many − few) is what one more
-shard costs. Every run is its own process (as a user runs it), rounds interleave the variants, and the
-report gives medians. Peak RSS per process comes from wait4.
+shard costs. The process start (imports) costs the same in both and varies by far more between runs
+than 400 shards cost, so the job's own time from planning to the last file on disk (`job_seconds` in
+its metrics) is reported beside the whole-process wall time. Every run is its own process (as a user
+runs it), rounds interleave the variants, and the report gives medians of paired differences. Peak
+RSS per process comes from wait4.
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
     print(f"mode=overhead: {o.shards} shards x {o.samples_per_shard} rows of {o.image_size}px JPEGs, "
           f"batch_size={o.batch_size}, {o.rounds} rounds; cpu={cpu_flags()}", flush=True)
     for r in range(o.rounds):
-        order = list(o.variants)[r % len(o.variants):] + list(o.variants)[: r % len(o.variants)]
-        for name in order:
+        turn = r % max(len(o.variants), 1)
+        for name in list(o.variants)[turn:] + list(o.variants)[:turn]:
             result = bare_loop(rows_dir) if name == "bare_loop" else job.rows(rows_dir, name.split("_", 1)[1], r)
             rows[name].append(result)
             print(f"round={r + 1}/{o.rounds} variant={name} rows_per_sec={result['rows_per_sec']:.0f}", flush=True)
-        for count, folder in layouts.items():
+        # Paired per round; the order alternates, so drift over a round hits both layouts alike.
+        for count, folder in (list(layouts.items())[:: 1 if r % 2 == 0 else -1]):
             for decoder in ("dali", "torch"):
                 result = job.whole_process(folder, decoder, f"shards{count}-{decoder}-{r}")
                 shard_cost.setdefault(f"{decoder}/{count}", []).append(result)
@@ -87,12 +91,18 @@ def summarise(o, rows: dict[str, list[dict]], shard_cost: dict[str, list[dict]])
         if f"{decoder}/{few}" not in shard_cost:
             continue
         a, b = shard_cost[f"{decoder}/{few}"], shard_cost[f"{decoder}/{many}"]
-        wall_few = statistics.median(r["wall_seconds"] for r in a)
-        wall_many = statistics.median(r["wall_seconds"] for r in b)
+        # Medians of the rounds' paired differences: steadier than differences of medians.
+        wall = [(y["wall_seconds"] - x["wall_seconds"]) * 1000 / (many - few) for x, y in zip(a, b)]
+        job = [(y["job_seconds"] - x["job_seconds"]) * 1000 / (many - few) for x, y in zip(a, b)]
         report["shard_cost"][decoder] = {
             "few": few, "many": many, "rows": o.shard_cost_rows,
-            "wall_seconds_few": round(wall_few, 3), "wall_seconds_many": round(wall_many, 3),
-            "ms_per_extra_shard": round((wall_many - wall_few) * 1000 / (many - few), 2),
+            "wall_seconds_few": round(statistics.median(r["wall_seconds"] for r in a), 3),
+            "wall_seconds_many": round(statistics.median(r["wall_seconds"] for r in b), 3),
+            "ms_per_extra_shard": round(statistics.median(wall), 2),
+            "ms_per_extra_shard_per_round": [round(v, 2) for v in wall],
+            # The same without the process start (imports: ~5 s here, varying by ±0.7 s between runs).
+            "job_ms_per_extra_shard": round(statistics.median(job), 2),
+            "job_ms_per_extra_shard_per_round": [round(v, 2) for v in job],
             "peak_rss_mb_few": round(statistics.median(r["peak_rss_mb"] for r in a)),
             "peak_rss_mb_many": round(statistics.median(r["peak_rss_mb"] for r in b)),
             "rounds": {"few": a, "many": b},
@@ -143,8 +153,9 @@ class JobRunner:
         out = os.path.join(self.root, f"out-{name}")
         shutil.rmtree(out, ignore_errors=True)
         wall, rss = self.run(self.args(folder, out, decoder), name)
+        job = read_rank_metrics(out).get("job_seconds")
         shutil.rmtree(out, ignore_errors=True)
-        return {"wall_seconds": round(wall, 3), "peak_rss_mb": round(rss)}
+        return {"wall_seconds": round(wall, 3), "job_seconds": job, "peak_rss_mb": round(rss)}
 
 
 def read_rank_metrics(out: str) -> dict:

@@ -103,7 +103,11 @@ def format_overhead_table(report: dict) -> str:
         lines.append(f"{name:<12} | {v['rows_per_sec']:>8} | {rounds}")
     for decoder, c in report["shard_cost"].items():
         lines.append(f"shard cost decoder={decoder}: {c['rows']} rows as {c['few']} shards {c['wall_seconds_few']:.2f} s, "
-                     f"as {c['many']} shards {c['wall_seconds_many']:.2f} s → {c['ms_per_extra_shard']:.2f} ms per "
-                     f"extra shard; peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
+                     f"as {c['many']} shards {c['wall_seconds_many']:.2f} s (medians) → {c['ms_per_extra_shard']:.2f} ms "
+                     f"per extra shard in whole-process wall time (rounds: "
+                     f"{' '.join(f'{v:.2f}' for v in c['ms_per_extra_shard_per_round'])}); "
+                     f"{c['job_ms_per_extra_shard']:.2f} ms in the job's own time (rounds: "
+                     f"{' '.join(f'{v:.2f}' for v in c['job_ms_per_extra_shard_per_round'])}); "
+                     f"peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
     lines.append(f"cpu flags: {report['cpu_flags']}")
     return "\n".join(lines)
