@@ -33,7 +33,11 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
         module, categories, source = _load_file(settings.path), None, settings.path
     else:
         module, categories, source = _build_torchvision(settings)
-    module = module.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    try:
+        module = module.eval()
+    except NotImplementedError:  # a torch.export program refuses eval(): it keeps the mode it was exported in
+        pass
+    module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for p in module.parameters():
         p.requires_grad_(False)
     log.info("model=%s source=%s dtype=%s device=%s", settings.name, source, dtype, device)

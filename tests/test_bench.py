@@ -146,3 +146,22 @@ def test_bound_shares_the_cpu_and_overlaps_on_cuda():
 def test_e2e_takes_leading_whole_shards(shards, images, count):
     chosen = select_shards(DataSettings(shards=list(shards)), images)
     assert [s.path for s in chosen] == [os.path.abspath(p) for p in shards[:count]]
+
+
+def test_overhead_mode_measures_rows_per_second_and_the_cost_per_shard(tmp_path):
+    r = run_cli("jobs.bench", "mode=overhead", f"bench.out_dir={tmp_path}", "bench.overhead.shards=2",
+                "bench.overhead.samples_per_shard=96", "bench.overhead.batch_size=32", "bench.overhead.rounds=1",
+                "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert set(report["variants"]) == {"bare_loop", "score_dali", "score_torch"}
+    for name, v in report["variants"].items():
+        (one,) = v["rounds"]
+        assert one["rows"] == 192 and v["rows_per_sec"] == round(one["rows_per_sec"]) > 0
+    for decoder in ("dali", "torch"):
+        cost = report["shard_cost"][decoder]
+        (few,), (many,) = cost["rounds"]["few"], cost["rounds"]["many"]
+        assert cost["ms_per_extra_shard"] == round((many["wall_seconds"] - few["wall_seconds"]) * 1000 / 3, 2)
+        assert cost["job_ms_per_extra_shard"] == round((many["job_seconds"] - few["job_seconds"]) * 1000 / 3, 2)
+        assert few["peak_rss_mb"] > 0 and many["peak_rss_mb"] > 0
+    assert "score_dali" in r.stdout and "ms per extra shard" in r.stdout

@@ -21,7 +21,7 @@ from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.runner import score
 from pipeline.outputs import Logits, TopK, compute_all
 from pipeline.scorer import MicroBatchPolicy, Scorer, is_oom
-from pipeline.settings import DataSettings, ModelSettings, OomSettings, OutputSettings, ScoreSettings
+from pipeline.settings import AutoBatchSettings, DataSettings, ModelSettings, OomSettings, OutputSettings, ScoreSettings
 
 
 class OomAbove(nn.Module):
@@ -237,3 +237,34 @@ def test_cli_batch_size_auto_respects_memory(shards, tmp_path):
     assert metrics["batch_size"] <= 32
     assert [p["batch"] for p in metrics["auto_batch_table"]] == [1, 2, 4, 8, 16, 32, 64]
     assert f"chose batch_size={metrics['batch_size']}" in r.stdout
+
+
+def test_compile_happens_once_after_the_batch_size_is_chosen(shards, tmp_path):
+    """model.compile=true with batch_size=auto: the sweep runs the plain module, then the module is
+    compiled once for the chosen shape, and scoring never recompiles (the tail chunk is padded)."""
+    from torch._dynamo.utils import counters
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 10)
+
+        def forward(self, x):
+            return self.fc(x.mean(dim=(2, 3)))
+
+    path = tmp_path / "tiny.pt2"
+    example = torch.randn(2, 3, 32, 32)
+    torch.export.save(torch.export.export(Tiny(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    torch._dynamo.reset()
+    counters.clear()
+    settings = ScoreSettings(
+        data=DataSettings(shards=shards[0]), output=OutputSettings(dir=str(tmp_path / "out")),
+        model=ModelSettings(path=str(path), resize_size=36, crop_size=32, topk=3, compile=True),
+        batch_size="auto", precision="fp32", decoder="torch", progress=False,
+        auto=AutoBatchSettings(max_batch_size=4, repeats=1, tolerance=0.5))
+    assert score(settings) == 0
+    metrics = json.loads((tmp_path / "out" / "_metrics" / "rank-00000.json").read_text())
+    assert [p["batch"] for p in metrics["auto_batch_table"]] == [1, 2, 4]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    assert pq.read_metadata(tmp_path / "out" / "part-000000.parquet").num_rows == 9

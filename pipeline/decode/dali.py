@@ -62,6 +62,7 @@ class DaliDecoder:
         self.dtype = dtype
         self.loader = loader
         self._stage: _DecodeStage | None = None
+        self._counts = (0, 0)  # (fallbacks, oom_events) once the stage is gone
         self._inject_oom_above = inject_oom_above
         self._background = BackgroundBatches(self._produce, loader.prefetch, device)
 
@@ -72,6 +73,8 @@ class DaliDecoder:
         self._background.stop()
         # The decoder and its thread refer to each other; left to the cycle collector, a DALI pipeline
         # can be destroyed inside a process forked later (a DataLoader worker) and hang there.
+        if self._stage is not None:
+            self._counts = (self._stage.fallbacks, self._stage.oom_events)
         self._stage = None
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
@@ -112,11 +115,12 @@ class DaliDecoder:
     @property
     def fallbacks(self) -> int:
         """Decode batches that failed and were bisected to find their bad images."""
-        return self._stage.fallbacks if self._stage else 0
+        return self._stage.fallbacks if self._stage else self._counts[0]
 
     @property
     def oom_events(self) -> int:
-        return self._stage.oom_events if self._stage else 0
+        """Out-of-memory errors while decoding (each retried with memory released)."""
+        return self._stage.oom_events if self._stage else self._counts[1]
 
 
 def _checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, threads: int,
@@ -307,7 +311,10 @@ class _DecodeStage:
                 self.policy.on_batch_done()
                 return crops, []
             except RuntimeError as e:
-                self._after_error(e, len(encoded))
+                try:
+                    self._after_error(e, len(encoded))
+                except _OutOfMemory:
+                    self._shrink(len(encoded))
         results = self._decode_in_batches(list(encoded))
         failed = [i for i, r in enumerate(results) if r is None]
         good = [r for r in results if r is not None]
@@ -329,13 +336,17 @@ class _DecodeStage:
             try:
                 results += self._bisect(chunk)
             except _OutOfMemory:
-                try:
-                    self.policy.on_oom(min(size, len(chunk)))
-                except OutOfMemoryAtOneRow:
-                    raise OutOfMemoryAtOneRow(f"out of memory decoding a single image on {self.device}") from None
+                self._shrink(len(chunk))
                 continue
             start += len(chunk)
         return results
+
+    def _shrink(self, size: int) -> None:
+        """Halve the decode batch after an out-of-memory error at `size` images; at one image, give up."""
+        try:
+            self.policy.on_oom(size)
+        except OutOfMemoryAtOneRow:
+            raise OutOfMemoryAtOneRow(f"out of memory decoding a single image on {self.device}") from None
 
     def _bisect(self, items: list) -> list[torch.Tensor | None]:
         try:
