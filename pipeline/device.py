@@ -96,6 +96,14 @@ def on_stream(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; on CUDA through pinned memory, so the copy is queued on the current
+    stream instead of waiting for the work already queued on the GPU."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def record_event(device: torch.device):
     """An event marking the work queued so far on the current stream; None on the CPU."""
     if device.type != "cuda":

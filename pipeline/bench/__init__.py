@@ -53,6 +53,7 @@ class OverheadSettings:
     shard_cost: bool = True  # also time whole processes over few big and many small shards
     shard_cost_rows: int = 4000
     shard_cost_layouts: tuple[int, ...] = (4, 400)  # shard counts the rows are split into
+    corrupt_cost: bool = True  # also: what one truncated JPEG costs DALI in a batch of 256 photos
     extra: tuple[str, ...] = ()  # more jobs.score overrides for the score_* runs, e.g. [loader.threads=1]
 
     def __post_init__(self):

@@ -72,11 +72,51 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
                 print(f"round={r + 1}/{o.rounds} shards={count} decoder={decoder} wall={result['wall_seconds']:.2f}s "
                       f"peak_rss={result['peak_rss_mb']:.0f}MB", flush=True)
     report = summarise(o, rows, shard_cost)
+    if o.corrupt_cost:
+        report["corrupt_cost"] = corrupt_cost(root, settings, o.rounds)
     print(format_overhead_table(report), flush=True)
     path = os.path.join(bench.out_dir, "overhead.json")
     write_json(report, path)
     print(f"wrote {path}", flush=True)
     return report
+
+
+def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 256) -> dict:
+    """What one truncated JPEG costs the DALI decoder in a batch of `batch` photo-like images: the same
+    batch decoded clean and with one image cut in half (its header intact, so only decoding finds it),
+    interleaved over rounds; the difference of the medians."""
+    from pipeline.bench.e2e import decode_parts
+    from pipeline.decode import make_decoder
+    from pipeline.shards import open_shard
+
+    rng = np.random.default_rng(1)
+    images = [encode_jpeg(synthetic_image(rng)) for _ in range(batch)]
+    cut = list(images)
+    cut[batch // 3] = cut[batch // 3][: len(cut[batch // 3]) // 2]
+    shards = {}
+    for name, data in (("clean", images), ("one-cut", cut)):
+        folder = os.path.join(root, f"corrupt-{name}")
+        shutil.rmtree(folder, ignore_errors=True)
+        path = write_shards(((f"{i:05d}", {"jpg": d}) for i, d in enumerate(data)), folder, batch, name)[0]
+        shards[name] = open_shard(path)
+    rules, preprocess = decode_parts(settings)
+    seconds: dict[str, list[float]] = {name: [] for name in shards}
+    for _ in range(rounds):
+        for name, shard in shards.items():
+            decoder = make_decoder("dali", [shard], rules, preprocess, batch, torch.device("cpu"), torch.float32,
+                                   settings.loader)
+            start = time.perf_counter()
+            bad = sum(b.rows.status.count("decode_error") for b in decoder)
+            seconds[name].append(time.perf_counter() - start)
+            decoder.stop()
+            assert bad == (name == "one-cut"), f"{name}: {bad} decode errors"
+    clean, cut_s = statistics.median(seconds["clean"]), statistics.median(seconds["one-cut"])
+    result = {"batch": batch, "seconds_clean": round(clean, 3), "seconds_one_corrupt": round(cut_s, 3),
+              "seconds_per_corrupt_image": round(cut_s - clean, 3), "image_size": f"{preprocess.resize_size}px",
+              "rounds": {k: [round(v, 3) for v in vals] for k, vals in seconds.items()}}
+    print(f"corrupt image at B={batch}: {clean:.2f} s clean, {cut_s:.2f} s with one truncated JPEG → "
+          f"{cut_s - clean:.2f} s per corrupt image", flush=True)
+    return result
 
 
 def summarise(o, rows: dict[str, list[dict]], shard_cost: dict[str, list[dict]]) -> dict:

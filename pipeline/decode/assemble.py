@@ -105,9 +105,7 @@ class BatchAssembler:
     def _make(self) -> Batch:
         crops = self._crops[0] if len(self._crops) == 1 else torch.cat(self._crops)
         device = self.normalizer.device
-        if device.type == "cuda":
-            crops = crops.pin_memory().to(device, non_blocking=True)
-        batch = Batch(self.normalizer.batch(crops), self._rows, dev.record_event(device))
+        batch = Batch(self.normalizer.batch(dev.to_device(crops, device)), self._rows, dev.record_event(device))
         self._rows, self._crops, self._count = Rows(), [], 0
         return batch
 

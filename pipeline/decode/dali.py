@@ -108,7 +108,7 @@ class DaliDecoder:
                     item.rows.mark(positions[i], "decode_error", "corrupt or truncated image data (DALI)")
                 bad = set(failed)
                 positions = [p for i, p in enumerate(positions) if i not in bad]
-        index = None if positions is None else torch.tensor(positions, dtype=torch.long, device=self.device)
+        index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), self.device)
         images = normalizer.batch(crops, index, rows=len(item.rows))
         return Batch(images, item.rows, dev.record_event(self.device))
 
