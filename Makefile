@@ -18,7 +18,7 @@ demo: install
 	@test -f $(DEMO)/shards/sample-000003.idx || \
 		$(PY) -m jobs.make_shards synthetic=400 shard_size=100 prefix=sample output_dir=$(DEMO)/shards
 	$(PY) -m jobs.score data=sample output.dir=$(DEMO)/scores model.weights=null batch_size=64 output.overwrite=true
-	@echo "Parquet: $(DEMO)/scores/*.parquet   metrics: $(DEMO)/scores/metrics/rank-00000.json"
+	@echo "Parquet: $(DEMO)/scores/*.parquet   metrics: $(DEMO)/scores/_metrics/rank-00000.json"
 
 # The whole suite, Slurm integration tests included: tests/test_slurm.py starts its own one-node
 # cluster (slurm/cluster.sh, as root; own state folder and ports) and stops it at the end.

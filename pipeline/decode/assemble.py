@@ -47,8 +47,9 @@ class Normalizer:
 
     def __init__(self, batch_size: int, preprocess: Preprocess, device: torch.device, dtype: torch.dtype):
         self.batch_size, self.size, self.device, self.dtype = batch_size, preprocess.crop_size, device, dtype
-        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255
+        self.scale, self.shift = 1 / std, -mean / std  # (x - mean) / std as one multiply-add
 
     def batch(self, crops: torch.Tensor, positions: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
         """A new batch tensor holding `crops` (uint8 [n, 3, S, S], any memory format, on the device) at
@@ -70,9 +71,9 @@ class Normalizer:
 
     def _normalize(self, crops: torch.Tensor, out: torch.Tensor) -> None:
         if out.dtype == torch.float32:
-            out.copy_(crops).sub_(self.mean).div_(self.std)
+            torch.addcmul(self.shift, crops, self.scale, out=out)
         else:
-            out.copy_((crops.float() - self.mean) / self.std)
+            out.copy_(torch.addcmul(self.shift, crops, self.scale))
 
 
 class BatchAssembler:
