@@ -9,7 +9,7 @@ DEMO := demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,models]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from hydra.utils import instantiate
+
 from jobs._entry import launched_by_slurm_launcher, requeue_with_launcher, run_job, to_plain
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.runner import score_and_report_stop
@@ -18,7 +20,7 @@ def main(cfg) -> int:
         env = os.environ
         config["dist"] = {"rank": int(env.get("SLURM_PROCID", 0)), "world_size": int(env.get("SLURM_NTASKS", 1))}
     settings = from_mapping(ScoreSettings, config)
-    code, stopped_by = score_and_report_stop(settings, resolved_config=config)
+    code, stopped_by = score_and_report_stop(settings, resolved_config=config, build=instantiate)
     if code == EXIT_REQUEUE and launched and stopped_by == "SIGUSR1":
         requeue_with_launcher()  # exits; a stop by SIGTERM (scancel) is not requeued
     return code

@@ -1,7 +1,9 @@
-"""Load the model to score with: a torchvision model by name (weights, a state_dict checkpoint, or a
-seeded random init), or a TorchScript / torch.export file. Put it in inference form on the device.
+"""The model to score with: loaded by its source (pipeline/sources/), or from a TorchScript / torch.export
+file, put in inference form on the device, with the preprocessing it expects.
 
-Weights that cannot be loaded are a user error, never a silent fall-back to random weights.
+Preprocessing: each key the user left null comes from the model (its weights' transforms, timm's data
+config, open_clip's preprocessing config); a value given wins. Weights that cannot be loaded are a user
+error, never a silent fall-back to random weights.
 """
 
 from __future__ import annotations
@@ -11,96 +13,72 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 
+from pipeline.decode.assemble import Preprocess
 from pipeline.errors import UserError
-from pipeline.settings import ModelSettings
+from pipeline.settings import INTERPOLATIONS, ModelSettings
+from pipeline.sources import PREPROCESS_KEYS, Builder, SameOutput, source_module
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
-    module: nn.Module
+    module: nn.Module  # images → {"output": …, "embedding": …}
     categories: list[str] | None  # class names, when the weights carry them
     source: str  # what was loaded, for logs and Parquet metadata
+    preprocess: Preprocess
+    classifier: bool = True  # is "output" class scores?
 
 
-def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int) -> LoadedModel:
+def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int,
+               want_embedding: bool = False, build: Builder | None = None) -> LoadedModel:
     torch.manual_seed(seed)
+    classifier = True
     if settings.path:
-        module, categories, source = _load_file(settings.path), None, settings.path
+        network, own, categories, source = SameOutput(_load_file(settings.path)), {}, None, settings.path
     else:
-        module, categories, source = _build_torchvision(settings)
+        loaded = source_module(settings.source).load(settings, want_embedding, build)
+        network, own, categories, source = loaded.network, loaded.preprocess, loaded.categories, loaded.weights
+        classifier = loaded.classifier
+    preprocess = resolve_preprocess(settings, own)
     try:
-        module = module.eval()
+        network = network.eval()
     except NotImplementedError:  # a torch.export program refuses eval(): it keeps the mode it was exported in
         pass
-    module = module.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    for p in module.parameters():
+    network = network.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    for p in network.parameters():
         p.requires_grad_(False)
-    log.info("model=%s source=%s dtype=%s device=%s", settings.name, source, dtype, device)
-    return LoadedModel(module, categories, source)
+    log.info("model=%s source=%s weights=%s dtype=%s device=%s preprocess=%s", settings.name or settings.path,
+             settings.source, source, dtype, device, preprocess)
+    return LoadedModel(network, categories, source, preprocess, classifier)
+
+
+def resolve_preprocess(settings: ModelSettings, own: dict) -> Preprocess:
+    """The model's own preprocessing, with every key the user gave taking its place."""
+    values = {}
+    for key in PREPROCESS_KEYS:
+        given = getattr(settings, key)
+        values[key] = given if given is not None else own.get(key)
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        what = settings.path or f"model.source={settings.source}"
+        raise UserError(f"{what} does not say how to preprocess its input: give "
+                        + " ".join(f"model.{k}=…" for k in missing))
+    if values["interpolation"] not in INTERPOLATIONS:
+        raise UserError(f"the model's interpolation {values['interpolation']!r} is not supported (only "
+                        f"{'|'.join(INTERPOLATIONS)}): give model.interpolation=…")
+    if values["resize_size"] < values["crop_size"]:
+        raise UserError(f"model.resize_size={values['resize_size']} is smaller than model.crop_size={values['crop_size']}")
+    return Preprocess(int(values["resize_size"]), int(values["crop_size"]), tuple(float(v) for v in values["mean"]),
+                      tuple(float(v) for v in values["std"]), values["interpolation"])
 
 
 def compile_model(module: nn.Module) -> nn.Module:
     """torch.compile for the run's one input shape. Called once the batch size is final: compiling
     before `batch_size=auto` would compile every size it tries and then hit dynamo's recompile limit."""
     return torch.compile(module, dynamic=False)
-
-
-def _build_torchvision(settings: ModelSettings) -> tuple[nn.Module, list[str] | None, str]:
-    if settings.name not in torchvision.models.list_models():
-        raise UserError(f"unknown model {settings.name!r}; torchvision has e.g. resnet18, resnet50, "
-                        "mobilenet_v3_small, vit_b_16 (see torchvision.models.list_models())")
-    if settings.checkpoint:
-        module = torchvision.models.get_model(settings.name, weights=None, num_classes=settings.num_classes)
-        _load_checkpoint(module, settings.checkpoint)
-        return module, None, settings.checkpoint
-    if settings.weights is None:
-        module = torchvision.models.get_model(settings.name, weights=None, num_classes=settings.num_classes)
-        log.warning("model.weights=null: %s has seeded random weights; its scores mean nothing", settings.name)
-        return module, None, "random-init"
-    weights = _weights_enum(settings.name, settings.weights)
-    try:
-        state_dict = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:
-        raise UserError(
-            f"cannot load weights {weights} for {settings.name} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"pre-download them where there is network (python -c \"import torchvision; "
-            f"torchvision.models.get_model('{settings.name}', weights='{settings.weights}')\") "
-            f"into $TORCH_HOME, or pass model.checkpoint=<state_dict file>") from None
-    module = torchvision.models.get_model(settings.name, weights=None, num_classes=len(weights.meta["categories"]))
-    module.load_state_dict(state_dict)
-    return module, list(weights.meta["categories"]), str(weights)
-
-
-def _weights_enum(name: str, weights: str):
-    enum = torchvision.models.get_model_weights(name)
-    if weights == "DEFAULT":
-        return enum.DEFAULT
-    try:
-        return enum[weights.split(".")[-1]]
-    except KeyError:
-        names = ", ".join(w.name for w in enum)
-        raise UserError(f"unknown model.weights {weights!r} for {name}; choose one of {names}, DEFAULT or null") from None
-
-
-def _load_checkpoint(module: nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise UserError(f"model.checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read model.checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"model.checkpoint {path} does not fit the model: {' '.join(str(e).split())[:200]}") from None
 
 
 def _load_file(path: str) -> nn.Module:

@@ -1,7 +1,7 @@
-"""Output kinds: each turns the model's output for a batch into named tensors (on the device, once per
-batch) and those, for one shard's rows, into Arrow arrays (once per shard). Error rows get nulls.
-
-The writer knows no output column by name: it asks each kind for its fields and arrays.
+"""Output kinds (`outputs=[…]`): each turns the model's outputs for a batch ({"output", "embedding"}) into
+named tensors, on the device, once per batch, and those, for one shard's rows, into Arrow arrays, once
+per shard. Error rows get nulls in every column. The writer knows no output column by name: it asks
+each kind for its fields and arrays. A new kind is a class here plus its entry in `make_outputs`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
+
+from pipeline.errors import UserError
 
 
 class TopK:
@@ -18,15 +20,19 @@ class TopK:
         self.k = k
         self.categories = pa.array(categories, pa.string()) if categories is not None else None
 
+    @property
+    def identity(self) -> str:
+        return f"topk({self.k})"
+
     def fields(self) -> list[pa.Field]:
         fields = [pa.field("topk_index", pa.list_(pa.int32())), pa.field("topk_prob", pa.list_(pa.float32()))]
         if self.categories is not None:
             fields.append(pa.field("topk_label", pa.list_(pa.string())))
         return fields
 
-    def compute(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
-        k = min(self.k, output.shape[1])
-        prob, index = torch.softmax(output.float(), dim=1).topk(k, dim=1)
+    def compute(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = outputs["output"]
+        prob, index = torch.softmax(logits.float(), dim=1).topk(min(self.k, logits.shape[1]), dim=1)
         return {"topk_index": index.to(torch.int32), "topk_prob": prob}
 
     def arrays(self, values: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, pa.Array]:
@@ -41,26 +47,86 @@ class TopK:
         return arrays
 
 
-class Logits:
-    """The raw model output as `logits`, fixed_size_list<float16>[classes]."""
+class Embedding:
+    """The model's pooled features as `embedding`, fixed_size_list<float16>[D]; L2-normalised on request."""
 
-    def __init__(self, classes: int):
-        self.classes = classes
+    def __init__(self, dim: int, normalize: bool):
+        self.dim, self.normalize = dim, normalize
+
+    @property
+    def identity(self) -> str:
+        return "embedding(normalized)" if self.normalize else "embedding"
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("logits", pa.list_(pa.float16(), self.classes))]
+        return [pa.field("embedding", pa.list_(pa.float16(), self.dim))]
 
-    def compute(self, output: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": output.to(torch.float16)}
+    def compute(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = outputs["embedding"].float().flatten(1)
+        if self.normalize:
+            features = torch.nn.functional.normalize(features, dim=1)
+        return {"embedding": features.to(torch.float16)}
 
     def arrays(self, values: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, pa.Array]:
-        flat = pa.array(values["logits"].reshape(-1))
-        return {"logits": pa.FixedSizeListArray.from_arrays(flat, self.classes, mask=pa.array(~valid))}
+        flat = pa.array(values["embedding"].reshape(-1))
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~valid))}
 
 
-def compute_all(kinds: list, output: torch.Tensor) -> dict[str, torch.Tensor]:
+class Scores:
+    """The raw model output, after `output.activation`: `scores` fixed_size_list<float32>[K], or `score`
+    (float32) when the model gives one value per image."""
+
+    def __init__(self, width: int, activation: str):
+        self.width, self.activation = width, activation
+        self.column = "score" if width == 1 else "scores"
+
+    @property
+    def identity(self) -> str:
+        return f"scores({self.activation})"
+
+    def fields(self) -> list[pa.Field]:
+        if self.width == 1:
+            return [pa.field("score", pa.float32())]
+        return [pa.field("scores", pa.list_(pa.float32(), self.width))]
+
+    def compute(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scores = outputs["output"].float().flatten(1)
+        if self.activation == "sigmoid":
+            scores = torch.sigmoid(scores)
+        elif self.activation == "softmax":
+            scores = torch.softmax(scores, dim=1)
+        return {self.column: scores}
+
+    def arrays(self, values: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, pa.Array]:
+        scores = values[self.column]
+        if self.width == 1:
+            return {"score": pa.array(scores.reshape(-1), mask=~valid)}
+        flat = pa.array(scores.reshape(-1))
+        return {"scores": pa.FixedSizeListArray.from_arrays(flat, self.width, mask=pa.array(~valid))}
+
+
+def make_outputs(names, probe: dict[str, torch.Tensor], topk: int, categories: list[str] | None,
+                 normalize_embedding: bool, activation: str, classifier: bool = True) -> list:
+    """The output kinds asked for, sized from the model's outputs on one probe image."""
+    kinds = []
+    for name in names:
+        if name == "topk":
+            if not classifier or probe["output"].dim() != 2 or probe["output"].shape[1] < 2:
+                gives = "embeddings" if not classifier else f"an output of shape {list(probe['output'].shape)}"
+                raise UserError(f"outputs=[topk] needs a classifier's [batch, classes] output; this model gives "
+                                f"{gives}: use outputs=[embedding] or outputs=[scores]")
+            if categories is not None and len(categories) != probe["output"].shape[1]:
+                categories = None
+            kinds.append(TopK(topk, categories))
+        elif name == "embedding":
+            kinds.append(Embedding(probe["embedding"][0].numel(), normalize_embedding))
+        elif name == "scores":
+            kinds.append(Scores(probe["output"][0].numel(), activation))
+    return kinds
+
+
+def compute_all(kinds: list, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every kind's tensors from one forward pass."""
     values: dict[str, torch.Tensor] = {}
     for kind in kinds:
-        values.update(kind.compute(output))
+        values.update(kind.compute(outputs))
     return values

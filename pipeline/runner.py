@@ -9,6 +9,7 @@ completion record; whichever rank finds every rank complete writes `_SUCCESS`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import signal
@@ -26,7 +27,8 @@ from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOne
 from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, write_metrics
 from pipeline.model import LoadedModel, compile_model, load_model
-from pipeline.outputs import Logits, TopK, compute_all
+from pipeline.sources import Builder
+from pipeline.outputs import compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
 from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, rank_from_env, shard_name
@@ -66,16 +68,17 @@ class StopSignals:
         log.warning("received %s: finishing the batch in flight, then stopping", name)
 
 
-def score(settings: ScoreSettings, resolved_config: dict | None = None) -> int:
+def score(settings: ScoreSettings, resolved_config: dict | None = None, build: Builder | None = None) -> int:
     """Score this rank's shards; returns the exit code. UserError propagates before any image is read."""
-    return score_and_report_stop(settings, resolved_config)[0]
+    return score_and_report_stop(settings, resolved_config, build)[0]
 
 
-def score_and_report_stop(settings: ScoreSettings, resolved_config: dict | None = None) -> tuple[int, str | None]:
+def score_and_report_stop(settings: ScoreSettings, resolved_config: dict | None = None,
+                          build: Builder | None = None) -> tuple[int, str | None]:
     """(exit code, the signal that stopped the run or None). Signals are caught from the start, so a
     stop during indexing or model loading also ends in EXIT_REQUEUE rather than a dead process."""
     with StopSignals() as signals:
-        code = Runner(plan(settings, resolved_config)).run(signals)
+        code = Runner(plan(settings, resolved_config, build)).run(signals)
     return code, signals.received
 
 
@@ -99,9 +102,12 @@ class Plan:
     rules: SampleRules
     preprocess: Preprocess
     started: float  # perf_counter at the start of planning: the job's own time, imports aside
+    build: Builder | None = None
 
 
-def plan(settings: ScoreSettings, resolved_config: dict | None = None) -> Plan:
+def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Builder | None = None) -> Plan:
+    """Everything a run needs, from its settings; `build` makes model.module's object (Hydra's instantiate,
+    passed by jobs/, so the library itself never imports Hydra)."""
     started = time.perf_counter()
     device = dev.resolve_device(settings.device)
     precision = dev.resolve_precision(settings.precision, device)
@@ -112,25 +118,25 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None) -> Plan:
     shards = [open_shard(p, settings.data.index_cache_dir) for p in assign_to_rank(all_paths, rank, world_size)]
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
              dev.describe(device), precision)
-    m, d = settings.model, settings.data
-    loaded = load_model(m, device, dtype, settings.seed)
+    m, d, out = settings.model, settings.data, settings.output
+    loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
+    preprocess = loaded.preprocess
+    outputs = make_outputs(settings.outputs, _probe(loaded.module, preprocess.crop_size, device, dtype), m.topk,
+                           loaded.categories, out.normalize_embedding, out.activation, loaded.classifier)
     batch_size, auto_table = settings.batch_size, None
     if batch_size == "auto":
-        batch_size, auto_table = choose_batch_size(loaded.module, m.crop_size, dtype, device, settings)
-    outputs = [TopK(m.topk, loaded.categories)]
-    if settings.output.save_logits:
-        outputs.append(Logits(_num_classes(loaded.module, m.crop_size, device, dtype)))
+        batch_size, auto_table = choose_batch_size(loaded.module, preprocess.crop_size, dtype, device, settings)
     if m.compile:
         loaded.module = compile_model(loaded.module)
     metadata = {
-        "model": m.path or m.name, "weights": loaded.source, "precision": precision,
-        "outputs": [f"topk({m.topk})"] + (["logits"] if settings.output.save_logits else []),
-        "batch_size": batch_size, "version": __version__, "config": resolved_config or {},
+        "model": m.path or m.name or m.module["_target_"], "source": "file" if m.path else m.source,
+        "weights": loaded.source, "precision": precision, "outputs": [kind.identity for kind in outputs],
+        "preprocess": dataclasses.asdict(preprocess), "batch_size": batch_size, "version": __version__,
+        "config": resolved_config or {},
     }
     rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
-    preprocess = Preprocess(m.resize_size, m.crop_size, m.mean, m.std, m.interpolation)
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
-                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess, started)
+                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess, started, build)
 
 
 class Runner:
@@ -147,7 +153,7 @@ class Runner:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
                 self.writer.fail(s.name, s.error)
         self.writer.remove_stale_temporaries([s.name for s in readable])
-        context = f"model={m.name} precision={p.precision} image_size={m.crop_size}"
+        context = f"model={p.metadata['model']} precision={p.precision} image_size={p.preprocess.crop_size}"
         self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
         self.decoder_name = p.settings.decoder
 
@@ -190,7 +196,7 @@ class Runner:
                     continue
                 dev.consume(item.images, item.ready)
                 with meter.timing("model"):
-                    output = self.scorer.forward(item.images)[: item.n_valid]
+                    output = self.scorer.forward(item.images, item.n_valid)
                     host = dev.HostCopy(compute_all(p.outputs, output), p.device)
                 if pending is not None:
                     self._write(pending, meter)
@@ -279,7 +285,9 @@ def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool) -> 
     return todo
 
 
-def _num_classes(module, size: int, device, dtype) -> int:
+def _probe(module, size: int, device, dtype) -> dict[str, torch.Tensor]:
+    """The model's outputs for one blank image: their shapes size the output columns."""
     with torch.inference_mode():
-        x = torch.zeros((1, 3, size, size), device=device, dtype=dtype)
-        return int(module(x.contiguous(memory_format=torch.channels_last)).shape[1])
+        x = torch.zeros((1, 3, size, size), device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        out = module(x)
+    return out if isinstance(out, dict) else {"output": out, "embedding": out}

@@ -30,6 +30,11 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
 
 
+def _as_dict(out) -> dict[str, torch.Tensor]:
+    """Models from pipeline.model give {"output", "embedding"}; a bare module gives a tensor."""
+    return out if isinstance(out, dict) else {"output": out}
+
+
 class MicroBatchPolicy:
     """Which micro-batch size to run next: halve on OOM, try doubling after `regrow_after` good batches,
     never above `batch_size`, and stop growing for good once a regrowth attempt runs out of memory."""
@@ -73,7 +78,8 @@ class MicroBatchPolicy:
 
 
 class Scorer:
-    """`forward(images)` → the model's output for every row, in order; owns OOM halving."""
+    """`forward(images)` → the model's outputs ({"output", "embedding"}) for every row, in order; owns
+    OOM halving."""
 
     def __init__(self, module: nn.Module, batch_size: int, device: torch.device, oom: OomSettings, context: str = ""):
         self.module = module
@@ -88,8 +94,9 @@ class Scorer:
     def micro_batch(self) -> int:
         return self.policy.size
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for every row of `images`, run as chunks of the current micro-batch."""
+    def forward(self, images: torch.Tensor, valid: int | None = None) -> dict[str, torch.Tensor]:
+        """The model's outputs for the first `valid` rows of `images` (all by default), run over every row
+        (padding included: one static shape) in chunks of the current micro-batch."""
         total = images.shape[0]
         outputs = []
         start = 0
@@ -110,12 +117,13 @@ class Scorer:
                 dev.empty_cache(self.device)
                 size = self._halve(size)
                 continue
-            outputs.append(out[:rows])
+            outputs.append({name: value[:rows] for name, value in _as_dict(out).items()})
             start += rows
         self.policy.on_batch_done()
-        return torch.cat(outputs)
+        merged = outputs[0] if len(outputs) == 1 else {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}
+        return merged if valid is None else {name: value[:valid] for name, value in merged.items()}
 
-    def try_forward(self, chunk: torch.Tensor) -> torch.Tensor | None:
+    def try_forward(self, chunk: torch.Tensor):
         """The model's output, or None after an out-of-memory error (any other error propagates)."""
         try:
             with torch.inference_mode():

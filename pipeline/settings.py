@@ -16,35 +16,49 @@ from pipeline.errors import UserError
 PRECISIONS = ("fp16", "bf16", "fp32", "auto")
 DEVICES = ("auto", "cuda", "cpu")
 DECODERS = ("dali", "torch", "auto")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Both decoders resample these alike; nearest-neighbour picks different source pixels in DALI and torchvision.
+INTERPOLATIONS = ("bilinear", "bicubic")
+OUTPUT_KINDS = ("topk", "embedding", "scores")
+ACTIVATIONS = ("none", "sigmoid", "softmax")
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which model to run and the preprocessing it expects."""
+    """Which model to run (a source and its architecture, weights or checkpoint) and, where given, the
+    preprocessing it expects; preprocessing left null comes from the model itself."""
 
-    name: str = "resnet18"
-    weights: str | None = None  # torchvision weights name, DEFAULT, or None for seeded random init
-    checkpoint: str | None = None  # state_dict file, loaded with weights_only=True
-    path: str | None = None  # TorchScript (.pt/.ts) or torch.export (.pt2) file
-    num_classes: int = 1000
-    resize_size: int = 256  # shorter side after resize
-    crop_size: int = 224  # center crop, square
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
+    source: str = "torchvision"  # torchvision | timm | open_clip | module (a module of pipeline/sources)
+    name: str | None = "resnet18"  # the source's architecture name
+    weights: str | None = None  # the source's pretrained name or tag (torchvision: DEFAULT too); None: seeded random init
+    checkpoint: str | None = None  # a state_dict file, loaded with weights_only=True, for any source
+    path: str | None = None  # or a TorchScript (.pt/.ts) or torch.export (.pt2) file instead of a source
+    module: dict | None = None  # source=module: {_target_: package.Class, **arguments}
+    num_classes: int | None = None  # for a random init or a checkpoint; None: the architecture's default
+    resize_size: int | None = None  # shorter side after resize; None: from the model
+    crop_size: int | None = None  # center crop, square; None: from the model
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None  # bilinear | bicubic; None: from the model
     topk: int = 5
     compile: bool = False
 
     def __post_init__(self):
-        _check(self.interpolation in INTERPOLATIONS, f"model.interpolation must be one of {INTERPOLATIONS}")
-        _check(self.crop_size > 0 and self.resize_size >= self.crop_size,
-               "model.resize_size must be >= model.crop_size > 0")
-        _check(len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0,
-               "model.mean and model.std need three values, std > 0")
+        _check(self.interpolation is None or self.interpolation in INTERPOLATIONS,
+               f"model.interpolation must be one of {'|'.join(INTERPOLATIONS)} or null, got {self.interpolation!r}")
+        _check(self.crop_size is None or self.crop_size > 0, "model.crop_size must be > 0")
+        _check(None in (self.crop_size, self.resize_size) or self.resize_size >= self.crop_size,
+               "model.resize_size must be >= model.crop_size")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            _check(value is None or (len(value) == 3 and (key == "mean" or min(value) > 0)),
+                   f"model.{key} needs three values" + (", all > 0" if key == "std" else ""))
         _check(self.topk >= 1, "model.topk must be >= 1")
-        _check(sum(x is not None for x in (self.checkpoint, self.path)) <= 1,
-               "give at most one of model.checkpoint and model.path")
+        _check(self.num_classes is None or self.num_classes >= 1, "model.num_classes must be >= 1")
+        _check(self.path is None or self.checkpoint is None, "give at most one of model.checkpoint and model.path")
+        _check(self.path is not None or self.source == "module" or bool(self.name),
+               f"model.name is required for model.source={self.source}")
+        _check(self.source != "module" or self.path is not None or isinstance((self.module or {}).get("_target_"), str),
+               "model.source=module needs model.module with a _target_ (e.g. {_target_: mypkg.MyNet, width: 8})")
 
 
 @dataclass(frozen=True)
@@ -66,11 +80,13 @@ class DataSettings:
 @dataclass(frozen=True)
 class OutputSettings:
     dir: str = ""
-    save_logits: bool = False
     overwrite: bool = False
+    normalize_embedding: bool = False  # L2-normalise the embedding column
+    activation: str = "none"  # scores: none | sigmoid | softmax
 
     def __post_init__(self):
         _check(bool(self.dir), "output.dir is required")
+        _check(self.activation in ACTIVATIONS, f"output.activation must be one of {'|'.join(ACTIVATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,7 @@ class ScoreSettings:
     data: DataSettings
     output: OutputSettings
     model: ModelSettings = field(default_factory=ModelSettings)
+    outputs: tuple[str, ...] = ("topk",)  # any of topk, embedding, scores; one forward pass feeds them all
     batch_size: int | str = 256  # or "auto"
     precision: str = "auto"
     device: str = "auto"
@@ -158,6 +175,9 @@ class ScoreSettings:
         _check(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
         _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
+        bad = [o for o in self.outputs if o not in OUTPUT_KINDS]
+        _check(bool(self.outputs) and not bad and len(set(self.outputs)) == len(self.outputs),
+               f"outputs must be a list of distinct {', '.join(OUTPUT_KINDS)}; got {list(self.outputs)}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -204,6 +224,10 @@ def _convert(hint, value, where: str):
         return tuple(converted) if origin is tuple else converted
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is dict:
+        if not isinstance(value, typing.Mapping):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise UserError(f"{where} must be {hint.__name__}, got {value!r}")

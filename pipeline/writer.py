@@ -29,11 +29,12 @@ META_KEY = b"shardscore"
 TMP_MARK = ".tmp-"
 MAX_PENDING_BYTES = 256 * 2**20  # tables handed to the writer thread and not yet on disk
 # What makes two runs' rows interchangeable: a file written under another identity is redone.
-IDENTITY_KEYS = ("model", "weights", "precision", "outputs")
+IDENTITY_KEYS = ("model", "source", "weights", "precision", "outputs", "preprocess")
 
 
 def run_identity(metadata: dict) -> dict:
-    return {key: metadata.get(key) for key in IDENTITY_KEYS}
+    """The identity as stored in a file's metadata (JSON: tuples become lists), so the two compare."""
+    return json.loads(json.dumps({key: metadata.get(key) for key in IDENTITY_KEYS}, default=str))
 
 
 def stored_metadata(meta: pq.FileMetaData) -> dict:
@@ -43,7 +44,7 @@ def stored_metadata(meta: pq.FileMetaData) -> dict:
 def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) -> tuple[bool, str]:
     """The completeness rule: (done, why not). A shard's file is complete when its footer reads (giving
     `rows` and its `stored` metadata), it holds the shard's row count, and it was written under the same
-    run identity (model, weights, precision, outputs)."""
+    run identity (model, source, weights, precision, outputs, preprocessing)."""
     if rows != expected_rows:
         return False, f"{rows} rows, shard has {expected_rows}"
     for key, value in identity.items():

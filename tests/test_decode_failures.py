@@ -23,7 +23,7 @@ MAX_PIXELS = 300 * 300
 
 def run(shard, out, batch_size=8, inject=None):
     settings = ScoreSettings(
-        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out), save_logits=True),
+        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
         model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
         batch_size=batch_size, precision="fp32", decoder="dali", progress=False,
         oom=OomSettings(inject_decode_above=inject))
@@ -43,7 +43,7 @@ def test_decoder_out_of_memory_retries_the_same_images(good_shard, tmp_path):
     code, rows, metrics = run(good_shard, tmp_path / "oom", inject=3)  # batches of 8 → 4 → 2 fit
     assert code == 0 and metrics["decode_oom_events"] >= 2
     assert [r["status"] for r in rows] == ["ok"] * 20  # no good image written as decode_error
-    np.testing.assert_allclose([r["logits"] for r in rows], [r["logits"] for r in clean], atol=1e-2)
+    np.testing.assert_allclose([r["scores"] for r in rows], [r["scores"] for r in clean], atol=1e-2)
 
 
 def test_out_of_memory_with_a_bad_image_in_the_batch(tmp_path):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 
 def settings(shard, out, device, **kw) -> ScoreSettings:
     model = kw.pop("model", ModelSettings(name="resnet18", weights=None, resize_size=72, crop_size=64))
-    return ScoreSettings(data=DataSettings(shards=shard), output=OutputSettings(dir=str(out), save_logits=True),
+    return ScoreSettings(data=DataSettings(shards=shard), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
                          model=model, batch_size=kw.pop("batch_size", 8), precision="fp32", device=device,
                          decoder="dali", progress=False, **kw)
 
@@ -70,7 +70,7 @@ def test_3_parity_with_the_cpu_path(shard, tmp_path):
     for device in ("cpu", "cuda"):
         assert score(settings(shard, tmp_path / device, device, model=model)) == 0
         table = pq.read_table(tmp_path / device / "gpu-000000.parquet")
-        logits[device] = np.array(table.column("logits").to_pylist(), dtype=np.float32)
+        logits[device] = np.array(table.column("scores").to_pylist(), dtype=np.float32)
     scale = np.abs(logits["cpu"]).max()
     # nvJPEG (with fancy upsampling) and libjpeg-turbo differ by a few levels at some pixels.
     assert np.abs(logits["cuda"] - logits["cpu"]).max() <= 0.02 * scale

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
 
 def run(shard: str, out, decoder: str, checkpoint: str) -> list[dict]:
     settings = ScoreSettings(
-        data=DataSettings(shards=shard), output=OutputSettings(dir=str(out), save_logits=True),
+        data=DataSettings(shards=shard), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
         model=ModelSettings(name="resnet18", checkpoint=checkpoint, resize_size=72, crop_size=64),
         batch_size=4, precision="fp32", decoder=decoder, progress=False)
     assert score(settings) == 0
@@ -42,8 +42,8 @@ def assert_same_rows(a: list[dict], b: list[dict], same_shard: bool = True) -> N
     fields = ROW_FIELDS if same_shard else tuple(f for f in ROW_FIELDS if f != "shard")
     assert [[r[f] for f in fields] for r in a] == [[r[f] for f in fields] for r in b]
     ok = [i for i, r in enumerate(a) if r["status"] == "ok"]
-    la = np.array([a[i]["logits"] for i in ok], dtype=np.float32)
-    lb = np.array([b[i]["logits"] for i in ok], dtype=np.float32)
+    la = np.array([a[i]["scores"] for i in ok], dtype=np.float32)
+    lb = np.array([b[i]["scores"] for i in ok], dtype=np.float32)
     assert np.abs(la - lb).max() <= MAX_REL * np.abs(lb).max(), np.abs(la - lb).max()
     assert (la.argmax(1) == lb.argmax(1)).all()
 
@@ -91,8 +91,8 @@ def test_exif_orientation_is_applied_as_the_camera_meant(tmp_path, decoder, chec
     rows = run(tagged, tmp_path / "tagged", decoder, checkpoint)
     assert_same_rows(rows, run(upright, tmp_path / "upright", decoder, checkpoint), same_shard=False)
     # The comparison can tell: the stored pixels, not turned, score otherwise (orientation 1 aside).
-    logits = np.array([r["logits"] for r in rows], dtype=np.float32)
-    other = np.array([r["logits"] for r in run(unturned, tmp_path / "unturned", decoder, checkpoint)], dtype=np.float32)
+    logits = np.array([r["scores"] for r in rows], dtype=np.float32)
+    other = np.array([r["scores"] for r in run(unturned, tmp_path / "unturned", decoder, checkpoint)], dtype=np.float32)
     moved = np.abs(logits - other).max(axis=1)
     assert moved[0] <= MAX_REL * np.abs(logits).max() and (moved[1:] > MAX_REL * np.abs(logits).max()).all()
 

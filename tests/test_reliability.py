@@ -28,7 +28,7 @@ MAX_PIXELS = 300 * 300  # the fixture's "huge" image is 400×400
 
 def run_library(shard, out, decoder):
     settings = ScoreSettings(
-        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out), save_logits=True),
+        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
         model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
         batch_size=8, precision="fp32", decoder=decoder, progress=False)
     code = score(settings)
@@ -49,7 +49,7 @@ def test_every_bad_sample_becomes_an_error_row(tmp_path, decoder):
     _, clean = run_library(str(tmp_path / "good.tar"), tmp_path / "out-good", decoder)
     ok = [r for r in rows if r["status"] == "ok"]
     assert [r["key"] for r in ok] == [r["key"] for r in clean]
-    np.testing.assert_allclose([r["logits"] for r in ok], [r["logits"] for r in clean], atol=1e-2)
+    np.testing.assert_allclose([r["scores"] for r in ok], [r["scores"] for r in clean], atol=1e-2)
     assert [r["topk_index"] for r in ok] == [r["topk_index"] for r in clean]
 
 

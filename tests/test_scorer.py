@@ -19,7 +19,7 @@ from conftest import TINY, run_cli
 from pipeline.batch import Batch, Rows
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.runner import score
-from pipeline.outputs import Logits, TopK, compute_all
+from pipeline.outputs import Scores, TopK, compute_all
 from pipeline.scorer import MicroBatchPolicy, Scorer, is_oom
 from pipeline.settings import AutoBatchSettings, DataSettings, ModelSettings, OomSettings, OutputSettings, ScoreSettings
 
@@ -56,10 +56,10 @@ def make_batch(n_rows: int, batch_size: int, seed: int = 0) -> Batch:
 
 def scorer_for(model, batch_size, regrow_after=50):
     scorer = Scorer(model, batch_size, device=torch.device("cpu"), oom=OomSettings(regrow_after=regrow_after))
-    outputs = [TopK(3, None), Logits(10)]
+    outputs = [TopK(3, None), Scores(10, "none")]
 
     def score(batch):
-        return compute_all(outputs, scorer.forward(batch.images)[: batch.n_valid])
+        return compute_all(outputs, scorer.forward(batch.images, batch.n_valid))
 
     score.scorer = scorer
     return score
@@ -119,7 +119,7 @@ def test_halving_gives_the_same_predictions(limit, n_rows):
     got = score(make_batch(n_rows, 16))
     assert torch.equal(got["topk_index"], expected["topk_index"])
     assert torch.allclose(got["topk_prob"], expected["topk_prob"], atol=1e-6)
-    assert torch.allclose(got["logits"].float(), expected["logits"].float(), atol=1e-3)
+    assert torch.allclose(got["scores"].float(), expected["scores"].float(), atol=1e-3)
     assert score.scorer.micro_batch <= limit and score.scorer.policy.events >= 1
     ok_sizes = {c for c in model.calls if c <= limit}
     assert len(ok_sizes) == 1  # after halving, one static shape: the tail chunk is padded
@@ -181,7 +181,7 @@ def test_other_errors_are_not_retried():
 
 def run_library(shards, out, batch_size, decoder="torch", inject_above=None, precision="fp32"):
     settings = ScoreSettings(
-        data=DataSettings(shards=list(shards)), output=OutputSettings(dir=str(out), save_logits=True),
+        data=DataSettings(shards=list(shards)), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
         model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
         batch_size=batch_size, precision=precision, decoder=decoder, progress=False,
         oom=OomSettings(inject_above=inject_above))
@@ -201,7 +201,7 @@ def test_run_output_unchanged_by_oom(shards, tmp_path, batch_size, inject_above)
     assert len({(r["shard"], r["key"]) for r in rows}) == 23
     assert [r["topk_index"] for r in rows] == [r["topk_index"] for r in clean]
     np.testing.assert_allclose([r["topk_prob"] for r in rows], [r["topk_prob"] for r in clean], atol=1e-5)
-    np.testing.assert_allclose([r["logits"] for r in rows], [r["logits"] for r in clean], atol=2e-2)
+    np.testing.assert_allclose([r["scores"] for r in rows], [r["scores"] for r in clean], atol=2e-2)
 
 
 def test_cli_oom_recovery_is_visible(shards, tmp_path):
@@ -259,7 +259,8 @@ def test_compile_happens_once_after_the_batch_size_is_chosen(shards, tmp_path):
     counters.clear()
     settings = ScoreSettings(
         data=DataSettings(shards=shards[0]), output=OutputSettings(dir=str(tmp_path / "out")),
-        model=ModelSettings(path=str(path), resize_size=36, crop_size=32, topk=3, compile=True),
+        model=ModelSettings(path=str(path), resize_size=36, crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                            interpolation="bilinear", topk=3, compile=True),
         batch_size="auto", precision="fp32", decoder="torch", progress=False,
         auto=AutoBatchSettings(max_batch_size=4, repeats=1, tolerance=0.5))
     assert score(settings) == 0

@@ -92,14 +92,14 @@ class BenchSettings:
         _check(0 <= self.tolerance < 1, "bench.tolerance must be in [0, 1)")
 
 
-def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings) -> int:
+def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=None) -> int:
     """Run one benchmark mode, print its table, write its files under bench.out_dir; returns the exit code."""
     _check(mode in MODES, f"mode must be one of {'|'.join(MODES)}, got {mode!r}")
     os.makedirs(bench.out_dir, exist_ok=True)
     if mode == "sweep":
         from pipeline.bench.sweep import run_sweep
 
-        report = run_sweep(settings, bench)
+        report = run_sweep(settings, bench, build)
         return EXIT_OK if all(p["recommended"] is not None for p in report["precisions"]) else EXIT_FAILED
     if mode == "overhead":
         from pipeline.bench.overhead import run_overhead
@@ -108,5 +108,5 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings) -> int:
         return EXIT_OK
     from pipeline.bench.e2e import run_e2e
 
-    run_e2e(settings, bench)
+    run_e2e(settings, bench, build)
     return EXIT_OK

@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 
 from pipeline import device as dev
-from pipeline.autobatch import choose_batch_size
 from pipeline.batch import Batch, ShardFailure
 from pipeline.bench import BenchSettings
 from pipeline.bench.report import format_e2e_table, plot_e2e, write_json
@@ -40,8 +39,8 @@ from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decode
 from pipeline.errors import EXIT_OK, UserError
 from pipeline.meter import Meter
 from pipeline.model import load_model
-from pipeline.outputs import TopK, compute_all
-from pipeline.runner import score
+from pipeline.outputs import compute_all
+from pipeline.runner import Plan, plan, score
 from pipeline.scorer import Scorer
 from pipeline.settings import DataSettings, DistSettings, ScoreSettings
 from pipeline.shards import Shard, expand_shards, open_shard
@@ -54,11 +53,10 @@ KEPT_BATCHES = 16  # decoded batches model_only replays: memory bounded whatever
 
 @dataclass
 class E2ERun:
-    """What every variant shares: the resolved settings, the shards, and loaded models and decoded input."""
+    """What every variant shares: the job's plan, the resolved settings, the shards, and decoded input."""
 
+    plan: Plan
     settings: ScoreSettings  # batch_size and precision resolved, data.shards = exactly the chosen shards
-    device: torch.device
-    dtype: torch.dtype
     shards: list[Shard]
     images: int
     workers: int
@@ -67,20 +65,32 @@ class E2ERun:
 
     @property
     def batch_size(self) -> int:
-        return self.settings.batch_size
+        return self.plan.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plan.dtype
 
     def model(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The job's model ({"output", …} from images) at `dtype`: the plan's own at the run's precision."""
+        if dtype == self.plan.dtype:
+            return self.plan.loaded.module
         if dtype not in self._models:
-            self._models[dtype] = load_model(self.settings.model, self.device, dtype, self.settings.seed).module
+            s = self.settings
+            self._models[dtype] = load_model(s.model, self.device, dtype, s.seed, False, self.plan.build).module
         return self._models[dtype]
 
     def meter(self, warmup_batches: int = WARMUP_BATCHES) -> Meter:
         return Meter(self.images, self.device, progress=False, warmup_batches=warmup_batches)
 
 
-def run_e2e(settings: ScoreSettings, bench: BenchSettings) -> dict:
+def run_e2e(settings: ScoreSettings, bench: BenchSettings, build=None) -> dict:
     """Run every variant for bench.e2e.rounds rounds; print the table, write e2e.json and e2e.png."""
-    run = prepare(settings, bench)
+    run = prepare(settings, bench, build)
     variants = list(bench.e2e.variants)
     if "score_dali" in variants or "decode_only" in variants:
         choose_decoder("dali", run.shards)  # a UserError now when DALI cannot read these shards
@@ -115,20 +125,14 @@ def run_e2e(settings: ScoreSettings, bench: BenchSettings) -> dict:
     return report
 
 
-def prepare(settings: ScoreSettings, bench: BenchSettings) -> E2ERun:
-    device = dev.resolve_device(settings.device)
-    precision = dev.resolve_precision(settings.precision, device)
-    dtype = dev.DTYPES[precision]
-    dev.configure(device, settings.seed)
+def prepare(settings: ScoreSettings, bench: BenchSettings, build=None) -> E2ERun:
+    """The job's own plan over the chosen shards: the same model, preprocessing, outputs and batch size."""
     shards = select_shards(settings.data, bench.e2e.images)
-    run = E2ERun(settings, device, dtype, shards, sum(s.count for s in shards), bench.e2e.workers)
-    batch_size = settings.batch_size
-    if batch_size == "auto":
-        batch_size, _ = choose_batch_size(run.model(dtype), settings.model.crop_size, dtype, device, settings)
+    settings = replace(settings, dist=DistSettings(0, 1), data=replace(settings.data, shards=[s.path for s in shards]))
+    p = plan(settings, build=build)
     os.makedirs(settings.output.dir, exist_ok=True)
-    run.settings = replace(settings, batch_size=batch_size, precision=precision, dist=DistSettings(0, 1),
-                           data=replace(settings.data, shards=[s.path for s in shards]))
-    return run
+    settings = replace(settings, batch_size=p.batch_size, precision=p.precision)
+    return E2ERun(p, settings, shards, sum(s.count for s in shards), bench.e2e.workers)
 
 
 def select_shards(data: DataSettings, images: int | None) -> list[Shard]:
@@ -147,16 +151,9 @@ def select_shards(data: DataSettings, images: int | None) -> list[Shard]:
     return chosen
 
 
-def decode_parts(settings: ScoreSettings) -> tuple[SampleRules, Preprocess]:
-    """The rules and preprocessing the job derives from its settings."""
-    m, d = settings.model, settings.data
-    return (SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels),
-            Preprocess(m.resize_size, m.crop_size, m.mean, m.std, m.interpolation))
-
-
 def decode_only(run: E2ERun, decoder_name: str = "dali", keep: bool = False) -> tuple[dict, list[Batch]]:
     """Iterate the job's decoder with no model; returns (summary, up to KEPT_BATCHES Batches when `keep`)."""
-    rules, preprocess = decode_parts(run.settings)
+    rules, preprocess = run.plan.rules, run.plan.preprocess
     s = run.settings
     decoder = make_decoder(decoder_name, run.shards, rules, preprocess, run.batch_size, run.device, run.dtype,
                            s.loader)
@@ -179,7 +176,7 @@ def model_only(run: E2ERun) -> dict:
     run has, cycling through the kept ones."""
     s = run.settings
     scorer = Scorer(run.model(run.dtype), run.batch_size, run.device, s.oom)
-    outputs = [TopK(s.model.topk, None)]
+    outputs = run.plan.outputs
     meter = run.meter()
     total = -(-run.images // run.batch_size)
     for i in range(total):
@@ -187,7 +184,7 @@ def model_only(run: E2ERun) -> dict:
         dev.consume(batch.images, batch.ready)
         n_valid = run.images - i * run.batch_size if i == total - 1 else run.batch_size
         with meter.timing("model"):
-            output = scorer.forward(batch.images)[:n_valid]
+            output = scorer.forward(batch.images, n_valid)
             dev.HostCopy(compute_all(outputs, output), run.device).wait()
         meter.batch_done(n_valid)
     meter.close()
@@ -199,7 +196,7 @@ def score_variant(run: E2ERun, decoder: str) -> dict:
     out = tempfile.mkdtemp(prefix=f"score_{decoder}-", dir=run.settings.output.dir)
     settings = replace(run.settings, decoder=decoder, output=replace(run.settings.output, dir=out, overwrite=True))
     try:
-        code = score(settings)
+        code = score(settings, build=run.plan.build)
         if code != EXIT_OK:
             raise RuntimeError(f"jobs.score decoder={decoder} ended with exit code {code} (see its log above)")
         with open(os.path.join(out, "_metrics", "rank-00000.json")) as f:
@@ -210,14 +207,12 @@ def score_variant(run: E2ERun, decoder: str) -> dict:
                                     "time_split_seconds")}
 
 
-def torchvision_transform(settings: ScoreSettings):
+def torchvision_transform(p: Preprocess):
     from torchvision import transforms as T
 
-    m = settings.model
-    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-             "nearest": T.InterpolationMode.NEAREST}
-    return T.Compose([T.Resize(m.resize_size, interpolation=modes[m.interpolation], antialias=True),
-                      T.CenterCrop(m.crop_size), T.ToTensor(), T.Normalize(m.mean, m.std)])
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+    return T.Compose([T.Resize(p.resize_size, interpolation=modes[p.interpolation], antialias=True),
+                      T.CenterCrop(p.crop_size), T.ToTensor(), T.Normalize(p.mean, p.std)])
 
 
 def decode_sample(sample: dict, rules: SampleRules, transform) -> torch.Tensor:
@@ -230,8 +225,7 @@ def decode_sample(sample: dict, rules: SampleRules, transform) -> torch.Tensor:
 def webdataset_images(run: E2ERun):
     import webdataset as wds
 
-    rules, _ = decode_parts(run.settings)
-    decode = functools.partial(decode_sample, rules=rules, transform=torchvision_transform(run.settings))
+    decode = functools.partial(decode_sample, rules=run.plan.rules, transform=torchvision_transform(run.plan.preprocess))
     return wds.WebDataset([s.path for s in run.shards], shardshuffle=False, nodesplitter=None,
                           empty_check=False).map(decode)
 
@@ -241,7 +235,7 @@ def naive(run: E2ERun) -> dict:
     meter = run.meter(warmup_batches=WARMUP_BATCHES * run.batch_size)  # counted per image here
     with torch.inference_mode():
         for x in webdataset_images(run):
-            model(x.to(run.device).unsqueeze(0)).softmax(1).topk(k).indices.cpu()
+            model(x.to(run.device).unsqueeze(0))["output"].softmax(1).topk(k).indices.cpu()
             meter.batch_done(1)
     meter.close()
     return meter.summary()
@@ -256,7 +250,7 @@ def dataloader(run: E2ERun) -> dict:
     meter = run.meter()
     with torch.inference_mode():
         for x in loader:
-            model(x.to(run.device)).softmax(1).topk(k).indices.cpu()
+            model(x.to(run.device))["output"].softmax(1).topk(k).indices.cpu()
             meter.batch_done(x.shape[0])
     meter.close()
     return meter.summary()
@@ -297,7 +291,7 @@ def summarise(run: E2ERun, bench: BenchSettings, results: dict[str, list[dict]])
             bound["ratio_to_score"] = round(bound["images_per_sec"] / ref_rate, 3)
     s = run.settings
     return {
-        "mode": "e2e", "model": s.model.path or s.model.name, "image_size": s.model.crop_size,
+        "mode": "e2e", "model": run.plan.metadata["model"], "image_size": run.plan.preprocess.crop_size,
         "precision": s.precision, "batch_size": s.batch_size, "device": dev.describe(run.device),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "loader": {"threads": s.loader.threads, "prefetch": s.loader.prefetch}, "dataloader_workers": run.workers,

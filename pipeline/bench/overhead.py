@@ -160,7 +160,8 @@ class JobRunner:
     def args(self, folder: str, out: str, decoder: str) -> list[str]:
         o = self.o
         return [f"data.shards='{folder}/*.tar'", f"output.dir={out}", f"model.path={self.model}",
-                f"model.resize_size={o.image_size}", f"model.crop_size={o.image_size}", f"batch_size={o.batch_size}",
+                f"model.resize_size={o.image_size}", f"model.crop_size={o.image_size}", "model.mean=[0.5,0.5,0.5]",
+                "model.std=[0.5,0.5,0.5]", "model.interpolation=bilinear", f"batch_size={o.batch_size}",
                 "precision=fp32", "device=cpu", f"decoder={decoder}", "progress=false", *self.loader, *o.extra]
 
     def run(self, args: list[str], name: str) -> tuple[float, float]:

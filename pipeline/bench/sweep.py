@@ -34,23 +34,27 @@ def resolve_precisions(names, device: torch.device) -> dict[str, list[str]]:
     return resolved
 
 
-def run_sweep(settings: ScoreSettings, bench) -> dict:
+def run_sweep(settings: ScoreSettings, bench, build=None) -> dict:
     """Sweep batch sizes for every precision; prints a table per precision and writes sweep.{csv,json,png}."""
     device = dev.resolve_device(settings.device)
     dev.configure(device, settings.seed)
     m = settings.model
     precisions = resolve_precisions(bench.precisions, device)
+    loaded = {p: load_model(m, device, dev.DTYPES[p], settings.seed, build=build) for p in precisions}
+    size = next(iter(loaded.values())).preprocess.crop_size  # the model's input size
     for precision, requested in precisions.items():
         if requested != [precision]:
             log.info("precision=%s stands for %s on %s", precision, "+".join(requested), device)
     report = {
-        "mode": "sweep", "model": m.path or m.name, "image_size": m.crop_size, "device": dev.describe(device),
+        "mode": "sweep", "model": m.path or m.name, "image_size": size, "device": dev.describe(device),
         "max_batch_size": bench.max_batch_size, "repeats": bench.repeats, "warmup": bench.warmup,
         "tolerance": bench.tolerance,
         "peak_memory": "CUDA max allocated" if device.type == "cuda" else "process peak RSS during the point",
         "precisions": [],
     }
-    for precision, points in sweep_points(settings, bench, device, list(precisions)).items():
+    models = {p: model.module for p, model in loaded.items()}
+    del loaded
+    for precision, points in sweep_points(settings, bench, device, models, size).items():
         chosen = recommend(points, bench.tolerance)
         ok = [p for p in points if not p["oom"]]
         best = max(ok, key=lambda p: p["images_per_sec"])["batch"] if ok else None
@@ -58,7 +62,7 @@ def run_sweep(settings: ScoreSettings, bench) -> dict:
                                      "recommended": chosen, "best_batch": best, "points": points})
         verdict = (f"recommended batch_size={chosen} (smallest within {bench.tolerance:.0%} of the best images/s)"
                    if chosen else "no batch size fits: out of memory at batch 1")
-        print(f"\n{report['model']} {m.crop_size}px precision={precision} on {report['device']}:\n"
+        print(f"\n{report['model']} {size}px precision={precision} on {report['device']}:\n"
               f"{format_table(points, chosen)}\n{verdict}", flush=True)
     write_sweep(report, bench.out_dir)
     print(f"wrote {', '.join(os.path.join(bench.out_dir, f) for f in ('sweep.csv', 'sweep.json', 'sweep.png'))}",
@@ -66,22 +70,22 @@ def run_sweep(settings: ScoreSettings, bench) -> dict:
     return report
 
 
-def sweep_points(settings: ScoreSettings, bench, device: torch.device,
-                 precisions: list[str]) -> dict[str, list[dict]]:
+def sweep_points(settings: ScoreSettings, bench, device: torch.device, models: dict,
+                 size: int) -> dict[str, list[dict]]:
     """{precision: points for batch 1, 2, 4 … ending at the first out-of-memory size}.
 
     bench.repeats passes, each timing every (precision, batch) point once, so the drift of a shared
     machine hits every point alike; a point is the median of its passes. The first pass finds the sizes
     that fit (after bench.warmup untimed runs per point); later passes re-time those.
     """
-    scorers = {p: Scorer(load_model(settings.model, device, dev.DTYPES[p], settings.seed).module, 1,
-                         device, settings.oom) for p in precisions}
+    precisions = list(models)
+    scorers = {p: Scorer(models.pop(p), 1, device, settings.oom) for p in precisions}
     runs: dict[str, dict[int, list[dict]]] = {p: {} for p in precisions}
     for repeat in range(bench.repeats):
         for precision, scorer in scorers.items():
             sizes = powers_of_two(bench.max_batch_size) if repeat == 0 else fitting_sizes(runs[precision])
             for batch in sizes:
-                run = measure(scorer, batch, settings.model.crop_size, dev.DTYPES[precision], device,
+                run = measure(scorer, batch, size, dev.DTYPES[precision], device,
                               repeats=1, warmup=bench.warmup if repeat == 0 else 0)
                 runs[precision].setdefault(batch, []).append(run)
                 log.info("pass=%d/%d precision=%s batch=%d %s", repeat + 1, bench.repeats, precision, batch,
