@@ -132,7 +132,7 @@ def quote_brace_pattern(arg: str) -> str:
     """`data.shards=/d/{000..099}.tar` as typed in a shell: quote the value so Hydra's override grammar
     takes the braces literally instead of failing on them."""
     key, sep, value = arg.partition("=")
-    if not sep or "{" not in value or "${" in value or value[:1] in "'\"[":
+    if not sep or "{" not in value or "${" in value or value[:1] in "'\"[{":
         return arg
     return f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
 

@@ -154,7 +154,9 @@ def test_overhead_mode_measures_rows_per_second_and_the_cost_per_shard(tmp_path)
                 "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "overhead.json").read_text())
-    assert set(report["variants"]) == {"bare_loop", "score_dali", "score_torch"}
+    assert set(report["variants"]) == {"bare_loop", "score_dali", "score_torch", "score_dali_embedding"}
+    topk, embedding = report["variants"]["score_dali"]["rounds"][0], report["variants"]["score_dali_embedding"]["rounds"][0]
+    assert report["embedding_to_topk"] == round(embedding["rows_per_sec"] / topk["rows_per_sec"], 3)
     for name, v in report["variants"].items():
         (one,) = v["rounds"]
         assert one["rows"] == 192 and v["rows_per_sec"] == round(one["rows_per_sec"]) > 0

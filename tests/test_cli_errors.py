@@ -15,6 +15,12 @@ BAD = {
     "unknown model group": (["model=nonexistent"], "model"),
     "bad checkpoint path": (["model.checkpoint=/nonexistent/ckpt.pt"], "does not exist"),
     "bad decoder": (["decoder=pillow"], "decoder must be one of"),
+    "unknown source": (["model.source=keras"], "unknown model.source 'keras'"),
+    "module without a target": (["model.source=module"], "needs model.module with a _target_"),
+    "module that does not build": (["model.source=module", "+model.module={_target_: nopkg.Net}"],
+                                   "cannot build model.module nopkg.Net"),
+    "unknown output kind": (["outputs=[logits]"], "outputs must be a list of distinct topk, embedding, scores"),
+    "nearest interpolation": (["model.interpolation=nearest"], "model.interpolation must be one of bilinear|bicubic"),
 }
 
 
@@ -43,5 +49,5 @@ def test_weights_without_network_say_what_to_do(shards, tmp_path):
     r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path}",
                 "model.weights=IMAGENET1K_V1", env={"TORCH_HOME": str(tmp_path / "empty-cache")})
     assert r.returncode == 2
-    assert "cannot load weights" in r.stderr and "model.checkpoint" in r.stderr
+    assert "cannot load pretrained weights" in r.stderr and "model.checkpoint" in r.stderr
     assert "Traceback" not in r.stderr

@@ -14,11 +14,12 @@ from pipeline.runner import score
 from pipeline.settings import DataSettings, DistSettings, ModelSettings, OutputSettings, ScoreSettings
 
 
-def settings(shards, out, rank, world=2, model="resnet18", topk=5) -> ScoreSettings:
+def settings(shards, out, rank, world=2, model="resnet18", topk=5, outputs=("topk",)) -> ScoreSettings:
     return ScoreSettings(
         data=DataSettings(shards=shards), output=OutputSettings(dir=str(out)),
         model=ModelSettings(name=model, weights=None, resize_size=40, crop_size=32, topk=topk),
-        batch_size=4, precision="fp32", decoder="torch", progress=False, dist=DistSettings(rank, world))
+        outputs=outputs, batch_size=4, precision="fp32", decoder="torch", progress=False,
+        dist=DistSettings(rank, world))
 
 
 def copy_shards(shards, folder):
@@ -78,3 +79,7 @@ def test_resume_redoes_a_shard_written_under_another_identity(shards, tmp_path):
     assert score(settings(pattern, out, rank=0, world=1, topk=3)) == 0  # another output: every shard redone
     assert all(os.path.getmtime(out / name) > mtime for name, mtime in before.items())
     assert len(pq.read_table(out / "part-000000.parquet").column("topk_index")[0]) == 3
+    before = {p.name: os.path.getmtime(p) for p in out.glob("*.parquet")}
+    assert score(settings(pattern, out, rank=0, world=1, topk=3, outputs=("topk", "embedding"))) == 0
+    assert all(os.path.getmtime(out / name) > mtime for name, mtime in before.items())
+    assert "embedding" in pq.read_schema(out / "part-000000.parquet").names

@@ -14,7 +14,7 @@ from pipeline.settings import PRECISIONS, ScoreSettings
 
 MODES = ("sweep", "e2e", "overhead")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
-OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch")
+OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch", "score_dali_embedding")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -45,10 +45,11 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
     o = bench.overhead
     root = os.path.join(bench.out_dir, "overhead")
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
-    model = free_model(os.path.join(root, "free-model.pt"))
+    model = free_model(os.path.join(root, "free-model.pt"), 1000)
+    embedder = free_model(os.path.join(root, "free-embedder.pt"), EMBEDDING_WIDTH)
     rows_dir = tiny_shards(os.path.join(root, f"rows-{o.shards}x{o.samples_per_shard}-{o.image_size}px"),
                            o.shards, o.samples_per_shard, o.image_size)
-    job = JobRunner(root, model, o, settings)
+    job = JobRunner(root, model, embedder, o, settings)
     rows: dict[str, list[dict]] = {v: [] for v in o.variants}
     shard_cost: dict[str, list[dict]] = {}
     layouts = {}
@@ -61,7 +62,10 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
     for r in range(o.rounds):
         turn = r % max(len(o.variants), 1)
         for name in list(o.variants)[turn:] + list(o.variants)[:turn]:
-            result = bare_loop(rows_dir) if name == "bare_loop" else job.rows(rows_dir, name.split("_", 1)[1], r)
+            if name == "bare_loop":
+                result = bare_loop(rows_dir)
+            else:
+                result = job.rows(rows_dir, name.split("_")[1], r, embedding=name.endswith("_embedding"))
             rows[name].append(result)
             print(f"round={r + 1}/{o.rounds} variant={name} rows_per_sec={result['rows_per_sec']:.0f}", flush=True)
         # Paired per round; the order alternates, so drift over a round hits both layouts alike.
@@ -85,8 +89,7 @@ def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 2
     """What one truncated JPEG costs the DALI decoder in a batch of `batch` photo-like images: the same
     batch decoded clean and with one image cut in half (its header intact, so only decoding finds it),
     interleaved over rounds; the difference of the medians."""
-    from pipeline.bench.e2e import decode_parts
-    from pipeline.decode import make_decoder
+    from pipeline.decode import Preprocess, SampleRules, make_decoder
     from pipeline.shards import open_shard
 
     rng = np.random.default_rng(1)
@@ -99,7 +102,9 @@ def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 2
         shutil.rmtree(folder, ignore_errors=True)
         path = write_shards(((f"{i:05d}", {"jpg": d}) for i, d in enumerate(data)), folder, batch, name)[0]
         shards[name] = open_shard(path)
-    rules, preprocess = decode_parts(settings)
+    d = settings.data
+    rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
+    preprocess = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
     seconds: dict[str, list[float]] = {name: [] for name in shards}
     for _ in range(rounds):
         for name, shard in shards.items():
@@ -126,6 +131,9 @@ def summarise(o, rows: dict[str, list[dict]], shard_cost: dict[str, list[dict]])
     for name, results in rows.items():
         report["variants"][name] = {"rows_per_sec": round(statistics.median(r["rows_per_sec"] for r in results)),
                                     "rounds": results}
+    if "score_dali" in rows and "score_dali_embedding" in rows:
+        ratios = [e["rows_per_sec"] / t["rows_per_sec"] for t, e in zip(rows["score_dali"], rows["score_dali_embedding"])]
+        report["embedding_to_topk"] = round(statistics.median(ratios), 3)  # paired per round
     few, many = sorted(o.shard_cost_layouts)
     for decoder in ("dali", "torch"):
         if f"{decoder}/{few}" not in shard_cost:
@@ -151,15 +159,16 @@ def summarise(o, rows: dict[str, list[dict]], shard_cost: dict[str, list[dict]])
 
 
 class JobRunner:
-    """Runs `python -m jobs.score` over tiny shards with the free model, as its own process."""
+    """Runs `python -m jobs.score` over tiny shards with a free model, as its own process."""
 
-    def __init__(self, root: str, model: str, o, settings: ScoreSettings):
-        self.root, self.model, self.o = root, model, o
+    def __init__(self, root: str, model: str, embedder: str, o, settings: ScoreSettings):
+        self.root, self.model, self.embedder, self.o = root, model, embedder, o
         self.loader = [f"loader.threads={settings.loader.threads}", f"loader.prefetch={settings.loader.prefetch}"]
 
-    def args(self, folder: str, out: str, decoder: str) -> list[str]:
+    def args(self, folder: str, out: str, decoder: str, embedding: bool = False) -> list[str]:
         o = self.o
-        return [f"data.shards='{folder}/*.tar'", f"output.dir={out}", f"model.path={self.model}",
+        model = [f"model.path={self.embedder}", "outputs=[embedding]"] if embedding else [f"model.path={self.model}"]
+        return [f"data.shards='{folder}/*.tar'", f"output.dir={out}", *model,
                 f"model.resize_size={o.image_size}", f"model.crop_size={o.image_size}", "model.mean=[0.5,0.5,0.5]",
                 "model.std=[0.5,0.5,0.5]", "model.interpolation=bilinear", f"batch_size={o.batch_size}",
                 "precision=fp32", "device=cpu", f"decoder={decoder}", "progress=false", *self.loader, *o.extra]
@@ -178,10 +187,11 @@ class JobRunner:
             raise RuntimeError(f"jobs.score ({name}) ended with exit code {proc.returncode}; see {log_path}")
         return wall, usage.ru_maxrss / 1024
 
-    def rows(self, folder: str, decoder: str, round_: int) -> dict:
-        out = os.path.join(self.root, f"out-{decoder}")
+    def rows(self, folder: str, decoder: str, round_: int, embedding: bool = False) -> dict:
+        name = f"{decoder}{'-embedding' if embedding else ''}"
+        out = os.path.join(self.root, f"out-{name}")
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = self.run(self.args(folder, out, decoder), f"rows-{decoder}-{round_}")
+        wall, rss = self.run(self.args(folder, out, decoder, embedding), f"rows-{name}-{round_}")
         metrics = read_rank_metrics(out)
         return {"rows_per_sec": metrics["sustained_images_per_sec"], "rows": metrics["images"],
                 "whole_run_rows_per_sec": metrics["images_per_sec"], "wall_seconds": round(wall, 3),
@@ -238,19 +248,23 @@ def tiny_shards(folder: str, shards: int, per_shard: int, size: int) -> str:
     return folder
 
 
+EMBEDDING_WIDTH = 768  # a ViT-B's
+
+
 class FreeModel(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, width: int):
         super().__init__()
         self.pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.fc = torch.nn.Linear(3, 1000)
+        self.fc = torch.nn.Linear(3, width)
 
     def forward(self, x):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def free_model(path: str) -> str:
+def free_model(path: str, width: int) -> str:
+    """A TorchScript model that costs almost nothing: average-pool → flatten → Linear(3, width)."""
     torch.manual_seed(0)
-    torch.jit.script(FreeModel().eval()).save(path)
+    torch.jit.script(FreeModel(width).eval()).save(path)
     return path
 
 

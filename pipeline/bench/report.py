@@ -101,6 +101,9 @@ def format_overhead_table(report: dict) -> str:
     for name, v in report["variants"].items():
         rounds = " ".join(f"{r['rows_per_sec']:.0f}" for r in v["rounds"])
         lines.append(f"{name:<12} | {v['rows_per_sec']:>8} | {rounds}")
+    if "embedding_to_topk" in report:
+        lines.append(f"outputs=[embedding] (768 wide) ÷ outputs=[topk], decoder=dali, paired per round: "
+                     f"{report['embedding_to_topk']:.2f}")
     for decoder, c in report["shard_cost"].items():
         lines.append(f"shard cost decoder={decoder}: {c['rows']} rows as {c['few']} shards {c['wall_seconds_few']:.2f} s, "
                      f"as {c['many']} shards {c['wall_seconds_many']:.2f} s (medians) → {c['ms_per_extra_shard']:.2f} ms "
