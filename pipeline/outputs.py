@@ -1,10 +1,12 @@
 """Output kinds (`outputs=[…]`): each turns the model's outputs for a batch ({"output", "embedding"}) into
 named tensors, on the device, once per batch, and those, for one shard's rows, into Arrow arrays, once
 per shard. Error rows get nulls in every column. The writer knows no output column by name: it asks
-each kind for its fields and arrays. A new kind is a class here plus its entry in `make_outputs`.
+each kind for its fields and arrays. A new kind is a class here plus its entry in `KINDS`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -13,12 +15,34 @@ import torch
 from pipeline.errors import UserError
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What sizes and shapes the kinds: the model's outputs on one probe image, and the settings."""
+
+    probe: dict  # {"output": tensor [1, …], "embedding": tensor [1, …]}
+    topk: int
+    categories: list[str] | None
+    classifier: bool
+    normalize_embedding: bool
+    activation: str
+
+
 class TopK:
     """Softmax top-k classes: `topk_index`, `topk_prob`, and `topk_label` when the weights name the classes."""
 
     def __init__(self, k: int, categories: list[str] | None):
         self.k = k
         self.categories = pa.array(categories, pa.string()) if categories is not None else None
+
+    @classmethod
+    def from_options(cls, o: OutputOptions) -> TopK:
+        output = o.probe["output"]
+        if not o.classifier or output.dim() != 2 or output.shape[1] < 2:
+            gives = "embeddings" if not o.classifier else f"an output of shape {list(output.shape)}"
+            raise UserError(f"outputs=[topk] needs a classifier's [batch, classes] output; this model gives "
+                            f"{gives}: use outputs=[embedding] or outputs=[scores]")
+        named = o.categories is not None and len(o.categories) == output.shape[1]
+        return cls(o.topk, o.categories if named else None)
 
     @property
     def identity(self) -> str:
@@ -53,6 +77,10 @@ class Embedding:
     def __init__(self, dim: int, normalize: bool):
         self.dim, self.normalize = dim, normalize
 
+    @classmethod
+    def from_options(cls, o: OutputOptions) -> Embedding:
+        return cls(o.probe["embedding"][0].numel(), o.normalize_embedding)
+
     @property
     def identity(self) -> str:
         return "embedding(normalized)" if self.normalize else "embedding"
@@ -67,8 +95,8 @@ class Embedding:
         return {"embedding": features.to(torch.float16)}
 
     def arrays(self, values: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, pa.Array]:
-        flat = pa.array(values["embedding"].reshape(-1))
-        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=pa.array(~valid))}
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat_array(values["embedding"], pa.float16()), self.dim,
+                                                               mask=pa.array(~valid))}
 
 
 class Scores:
@@ -78,6 +106,10 @@ class Scores:
     def __init__(self, width: int, activation: str):
         self.width, self.activation = width, activation
         self.column = "score" if width == 1 else "scores"
+
+    @classmethod
+    def from_options(cls, o: OutputOptions) -> Scores:
+        return cls(o.probe["output"][0].numel(), o.activation)
 
     @property
     def identity(self) -> str:
@@ -100,28 +132,30 @@ class Scores:
         scores = values[self.column]
         if self.width == 1:
             return {"score": pa.array(scores.reshape(-1), mask=~valid)}
-        flat = pa.array(scores.reshape(-1))
-        return {"scores": pa.FixedSizeListArray.from_arrays(flat, self.width, mask=pa.array(~valid))}
+        return {"scores": pa.FixedSizeListArray.from_arrays(flat_array(scores, pa.float32()), self.width,
+                                                            mask=pa.array(~valid))}
 
 
-def make_outputs(names, probe: dict[str, torch.Tensor], topk: int, categories: list[str] | None,
-                 normalize_embedding: bool, activation: str, classifier: bool = True) -> list:
-    """The output kinds asked for, sized from the model's outputs on one probe image."""
-    kinds = []
-    for name in names:
-        if name == "topk":
-            if not classifier or probe["output"].dim() != 2 or probe["output"].shape[1] < 2:
-                gives = "embeddings" if not classifier else f"an output of shape {list(probe['output'].shape)}"
-                raise UserError(f"outputs=[topk] needs a classifier's [batch, classes] output; this model gives "
-                                f"{gives}: use outputs=[embedding] or outputs=[scores]")
-            if categories is not None and len(categories) != probe["output"].shape[1]:
-                categories = None
-            kinds.append(TopK(topk, categories))
-        elif name == "embedding":
-            kinds.append(Embedding(probe["embedding"][0].numel(), normalize_embedding))
-        elif name == "scores":
-            kinds.append(Scores(probe["output"][0].numel(), activation))
-    return kinds
+def flat_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A numpy array's values as one flat Arrow array, without a copy (pa.array converts float16 one
+    value at a time)."""
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(type_, values.size, [None, pa.py_buffer(values)])
+
+
+KINDS = {"topk": TopK, "embedding": Embedding, "scores": Scores}
+
+
+def check_names(names) -> None:
+    unknown = [n for n in names if n not in KINDS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise UserError(f"outputs must be a list of distinct {', '.join(KINDS)}; got {list(names)}")
+
+
+def make_outputs(names, options: OutputOptions) -> list:
+    """The output kinds asked for (`outputs=[…]`), sized from the model's outputs on one probe image."""
+    check_names(names)
+    return [KINDS[name].from_options(options) for name in names]
 
 
 def compute_all(kinds: list, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, write_metrics
 from pipeline.model import LoadedModel, compile_model, load_model
 from pipeline.sources import Builder
-from pipeline.outputs import compute_all, make_outputs
+from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
 from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, rank_from_env, shard_name
@@ -119,10 +119,12 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
              dev.describe(device), precision)
     m, d, out = settings.model, settings.data, settings.output
+    check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
     loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
     preprocess = loaded.preprocess
-    outputs = make_outputs(settings.outputs, _probe(loaded.module, preprocess.crop_size, device, dtype), m.topk,
-                           loaded.categories, out.normalize_embedding, out.activation, loaded.classifier)
+    probe = _probe(loaded.module, preprocess.crop_size, device, dtype)
+    outputs = make_outputs(settings.outputs, OutputOptions(probe, m.topk, loaded.categories, loaded.classifier,
+                                                           out.normalize_embedding, out.activation))
     batch_size, auto_table = settings.batch_size, None
     if batch_size == "auto":
         batch_size, auto_table = choose_batch_size(loaded.module, preprocess.crop_size, dtype, device, settings)

@@ -18,7 +18,6 @@ DEVICES = ("auto", "cuda", "cpu")
 DECODERS = ("dali", "torch", "auto")
 # Both decoders resample these alike; nearest-neighbour picks different source pixels in DALI and torchvision.
 INTERPOLATIONS = ("bilinear", "bicubic")
-OUTPUT_KINDS = ("topk", "embedding", "scores")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 
 
@@ -157,7 +156,7 @@ class ScoreSettings:
     data: DataSettings
     output: OutputSettings
     model: ModelSettings = field(default_factory=ModelSettings)
-    outputs: tuple[str, ...] = ("topk",)  # any of topk, embedding, scores; one forward pass feeds them all
+    outputs: tuple[str, ...] = ("topk",)  # output kinds (pipeline/outputs.py); one forward pass feeds them all
     batch_size: int | str = 256  # or "auto"
     precision: str = "auto"
     device: str = "auto"
@@ -175,9 +174,6 @@ class ScoreSettings:
         _check(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
         _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
-        bad = [o for o in self.outputs if o not in OUTPUT_KINDS]
-        _check(bool(self.outputs) and not bad and len(set(self.outputs)) == len(self.outputs),
-               f"outputs must be a list of distinct {', '.join(OUTPUT_KINDS)}; got {list(self.outputs)}")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -92,6 +92,13 @@ class ShardWriter:
             pa.field("error", pa.string()),
             *(f for kind in outputs for f in kind.fields()),
         ])
+        # Statistics (min/max, for readers that skip files by key) on the row columns only; floating output
+        # columns are stored byte-stream-split, which compresses them and costs less than a dictionary.
+        self._parquet_options = {
+            "compression": "zstd", "use_dictionary": ["shard", "status"],
+            "write_statistics": ["key", "shard", "label", "status"],
+            "use_byte_stream_split": [_parquet_path(f) for f in self.schema if _is_floating(f.type)],
+        }
         self._buffers = {name: _ShardBuffer(count) for name, count in expected.items()}
         self.failed: dict[str, str] = {}
         self.committed: dict[str, dict] = {}  # shard → {"rows", "status_counts"}, this run's and resumed ones
@@ -192,7 +199,7 @@ class ShardWriter:
         final = self.path(shard)
         tmp = os.path.join(self.out_dir, f".{shard}.parquet{TMP_MARK}{os.getpid()}")
         try:
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=["shard", "status"])
+            pq.write_table(table, tmp, **self._parquet_options)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -216,6 +223,18 @@ class ShardWriter:
             columns.update(kind.arrays(merged, valid))
         schema = self.schema.with_metadata({META_KEY: json.dumps(metadata, default=str).encode()})
         return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+def _is_floating(type_: pa.DataType) -> bool:
+    if pa.types.is_list(type_) or pa.types.is_fixed_size_list(type_):
+        type_ = type_.value_type
+    return pa.types.is_floating(type_)
+
+
+def _parquet_path(field: pa.Field) -> str:
+    """A column's path in the Parquet schema (a list's values are `<name>.list.element`)."""
+    nested = pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
+    return f"{field.name}.list.element" if nested else field.name
 
 
 def _concat_rows(parts: list[Rows]) -> Rows:
