@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 
@@ -56,7 +55,7 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
             code, message = EXIT_USER_ERROR, f"error: {e}"
         except OutOfMemoryAtOneRow as e:
             code, message = EXIT_FAILED, f"error: {e}"
-        if _multirun():  # a run of a sweep reports through Hydra (and the launcher), never by exiting
+        if multirun():  # a run of a sweep reports through Hydra (and the launcher), never by exiting
             if code:
                 raise RuntimeError(message or f"run ended with exit code {code}")
             return code
@@ -112,22 +111,6 @@ def _release_stderr(echo: bool = True) -> str:
     return buffer.getvalue()
 
 
-def launched_by_slurm_launcher() -> bool:
-    """True in a job that Hydra's Slurm launcher (conf/hydra/launcher/slurm.yaml) submitted for one run."""
-    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and _multirun()
-
-
-def requeue_with_launcher() -> None:
-    """Hand a run that stopped on USR1 to the launcher's own preemption handler (slurm.yaml makes USR1
-    its signal): it resubmits the same run, requeues the job and exits; the requeued run resumes."""
-    handler = signal.getsignal(signal.SIGUSR1)
-    if not callable(handler):
-        raise RuntimeError("stopped by USR1, but the launcher does not handle USR1: "
-                           "use hydra/launcher=slurm (it sets SUBMITIT_PREEMPT_SIGNAL=USR1)")
-    logging.getLogger(__name__).warning("stopped by USR1: requeueing this run through the launcher")
-    handler(signal.SIGUSR1, None)
-
-
 def quote_brace_pattern(arg: str) -> str:
     """`data.shards=/d/{000..099}.tar` as typed in a shell: quote the value so Hydra's override grammar
     takes the braces literally instead of failing on them."""
@@ -143,7 +126,7 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _multirun() -> bool:
+def multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 
 from hydra.utils import instantiate
 
-from jobs._entry import launched_by_slurm_launcher, requeue_with_launcher, run_job, to_plain
+from jobs._entry import multirun, run_job, to_plain
+from pipeline import cluster
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.runner import score_and_report_stop
 from pipeline.settings import ScoreSettings, from_mapping
@@ -14,15 +15,12 @@ from pipeline.settings import ScoreSettings, from_mapping
 
 def main(cfg) -> int:
     config = to_plain(cfg, drop=("paths", "hydra", "bench", "mode"))
-    launched = launched_by_slurm_launcher()
-    if launched and config["dist"].get("rank") is None and config["dist"].get("world_size") is None:
-        # The launcher submits a sweep as one Slurm array whose tasks are separate runs, not ranks of one.
-        env = os.environ
-        config["dist"] = {"rank": int(env.get("SLURM_PROCID", 0)), "world_size": int(env.get("SLURM_NTASKS", 1))}
     settings = from_mapping(ScoreSettings, config)
+    launched = cluster.in_slurm_launcher_job() and multirun()
+    settings = replace(settings, dist=cluster.launcher_dist(settings.dist, launched))
     code, stopped_by = score_and_report_stop(settings, resolved_config=config, build=instantiate)
     if code == EXIT_REQUEUE and launched and stopped_by == "SIGUSR1":
-        requeue_with_launcher()  # exits; a stop by SIGTERM (scancel) is not requeued
+        cluster.requeue_with_launcher()  # exits; a stop by SIGTERM (scancel) is not requeued
     return code
 
 

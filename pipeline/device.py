@@ -1,4 +1,5 @@
-"""Every device-specific call in one place: the CPU path and the CUDA path differ only here.
+"""Every device-specific call in one place: the CPU path and the CUDA path differ only here (which
+device this process uses is `pipeline.cluster`'s call).
 
 The rest of the code passes a `torch.device` around and calls these helpers, so the code the tests
 run on CPU is the code that runs on a GPU node.
@@ -20,20 +21,6 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` → the GPU Slurm or CUDA_VISIBLE_DEVICES gave this process, else the CPU."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if name == "cuda":
-            raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-        return torch.device("cpu")
-    # Slurm's --gpus-per-task leaves one visible GPU per task; tasks that all see every GPU of the
-    # node pick theirs by local rank.
-    local_rank = int(os.environ.get("SLURM_LOCALID", "0"))
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

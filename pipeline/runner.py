@@ -14,11 +14,11 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, cluster
 from pipeline import device as dev
 from pipeline.autobatch import choose_batch_size
 from pipeline.batch import ShardFailure
@@ -31,7 +31,7 @@ from pipeline.sources import Builder
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
-from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, rank_from_env, shard_name
+from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, shard_name
 from pipeline.writer import ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,13 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     """Everything a run needs, from its settings; `build` makes model.module's object (Hydra's instantiate,
     passed by jobs/, so the library itself never imports Hydra)."""
     started = time.perf_counter()
-    device = dev.resolve_device(settings.device)
+    if settings.loader.threads is None:
+        settings = replace(settings, loader=replace(settings.loader, threads=cluster.cpus_available()))
+    device = cluster.resolve_device(settings.device)
     precision = dev.resolve_precision(settings.precision, device)
     dtype = dev.DTYPES[precision]
     dev.configure(device, settings.seed)
-    rank, world_size = rank_from_env(settings.dist)
+    rank, world_size = cluster.rank_and_world(settings.dist)
     all_paths = expand_shards(settings.data.shards)
     shards = [open_shard(p, settings.data.index_cache_dir) for p in assign_to_rank(all_paths, rank, world_size)]
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
@@ -262,6 +264,7 @@ class Runner:
         record = {
             "rank": p.rank, "world_size": p.world_size, "run": run_key(identity, p.shard_names, p.world_size),
             "identity": identity, "shards": len(p.shards), "done": len(writer.committed),
+            "shards_done": sorted(writer.committed),
             "failed": dict(sorted(writer.failed.items())), "remaining": remaining,
             "rows": sum(done["rows"] for done in writer.committed.values()), "status_counts": dict(status_counts),
             "complete": len(writer.committed) == len(p.shards), "finished_at": time.time(),

@@ -108,12 +108,12 @@ class DaliSettings:
 class LoaderSettings:
     """Decoding resources: DALI threads or DataLoader workers, and how many batches to read ahead."""
 
-    threads: int = 2
+    threads: int | None = None  # None: the CPUs this process may use (Slurm's --cpus-per-task, else affinity)
     prefetch: int = 2
     dali: DaliSettings = field(default_factory=DaliSettings)
 
     def __post_init__(self):
-        _check(self.threads >= 0, "loader.threads must be >= 0")
+        _check(self.threads is None or self.threads >= 0, "loader.threads must be >= 0 or null")
         _check(self.prefetch >= 1, "loader.prefetch must be >= 1")
 
 

@@ -190,20 +190,3 @@ def check_not_truncated(path: str, end: int) -> None:
         f.seek(max(0, size - 1024))
         if size < end + 1024 or f.read(1024).strip(b"\0"):
             raise ValueError("truncated tar: no end-of-archive marker")
-
-
-def rank_from_env(dist) -> tuple[int, int]:
-    """(rank, world size) from `dist.*` overrides, else Slurm: array index × tasks per job + task id.
-    The array index counts tasks, so `--array=0-30:2` gives indices 0…15 like `--array=0-15`."""
-    if dist.rank is not None or dist.world_size is not None:
-        rank, world = dist.rank or 0, dist.world_size or 1
-    else:
-        env = os.environ
-        tasks, proc = int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_PROCID", 0))
-        arrays = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-        offset = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        array_index = offset // int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
-        rank, world = array_index * tasks + proc, arrays * tasks
-    if not 0 <= rank < world:
-        raise UserError(f"rank {rank} is outside world size {world} (dist.rank / dist.world_size)")
-    return rank, world

@@ -7,9 +7,7 @@ import os
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.settings import DistSettings
-from pipeline.shards import (assign_to_rank, expand_shards, index_path_for, open_shard, rank_from_env,
-                             read_index)
+from pipeline.shards import assign_to_rank, expand_shards, index_path_for, open_shard, read_index
 
 
 def test_every_spec_form_expands_to_the_same_sorted_paths(shards, tmp_path):
@@ -95,17 +93,3 @@ def test_ranks_split_shards_disjointly_and_completely():
     assert parts[1] == assign_to_rank(paths, 1, 3)  # deterministic: any rank can be rerun alone
 
 
-def test_rank_from_slurm_array_and_tasks(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("SLURM_"):
-            monkeypatch.delenv(key)
-    assert rank_from_env(DistSettings()) == (0, 1)
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_PROCID", "1")
-    assert rank_from_env(DistSettings()) == (7, 8)
-    assert rank_from_env(DistSettings(rank=2, world_size=5)) == (2, 5)
-    with pytest.raises(UserError):
-        rank_from_env(DistSettings(rank=5, world_size=5))

@@ -131,7 +131,7 @@ def prepare(settings: ScoreSettings, bench: BenchSettings, build=None) -> E2ERun
     settings = replace(settings, dist=DistSettings(0, 1), data=replace(settings.data, shards=[s.path for s in shards]))
     p = plan(settings, build=build)
     os.makedirs(settings.output.dir, exist_ok=True)
-    settings = replace(settings, batch_size=p.batch_size, precision=p.precision)
+    settings = replace(p.settings, batch_size=p.batch_size, precision=p.precision)
     return E2ERun(p, settings, shards, sum(s.count for s in shards), bench.e2e.workers)
 
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from PIL import Image
 
 from pipeline.bench import BenchSettings
 from pipeline.bench.report import format_overhead_table, write_json
+from pipeline.cluster import cpus_available
 from pipeline.pack import encode_jpeg, synthetic_image, write_shards
 from pipeline.settings import ScoreSettings
 
@@ -103,13 +105,13 @@ def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 2
         path = write_shards(((f"{i:05d}", {"jpg": d}) for i, d in enumerate(data)), folder, batch, name)[0]
         shards[name] = open_shard(path)
     d = settings.data
+    loader = replace(settings.loader, threads=settings.loader.threads or cpus_available())
     rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
     preprocess = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
     seconds: dict[str, list[float]] = {name: [] for name in shards}
     for _ in range(rounds):
         for name, shard in shards.items():
-            decoder = make_decoder("dali", [shard], rules, preprocess, batch, torch.device("cpu"), torch.float32,
-                                   settings.loader)
+            decoder = make_decoder("dali", [shard], rules, preprocess, batch, torch.device("cpu"), torch.float32, loader)
             start = time.perf_counter()
             bad = sum(b.rows.status.count("decode_error") for b in decoder)
             seconds[name].append(time.perf_counter() - start)
@@ -163,7 +165,8 @@ class JobRunner:
 
     def __init__(self, root: str, model: str, embedder: str, o, settings: ScoreSettings):
         self.root, self.model, self.embedder, self.o = root, model, embedder, o
-        self.loader = [f"loader.threads={settings.loader.threads}", f"loader.prefetch={settings.loader.prefetch}"]
+        threads = "null" if settings.loader.threads is None else settings.loader.threads
+        self.loader = [f"loader.threads={threads}", f"loader.prefetch={settings.loader.prefetch}"]
 
     def args(self, folder: str, out: str, decoder: str, embedding: bool = False) -> list[str]:
         o = self.o

@@ -15,6 +15,7 @@ import statistics
 
 import torch
 
+from pipeline import cluster
 from pipeline import device as dev
 from pipeline.autobatch import format_table, measure, powers_of_two, recommend
 from pipeline.bench.report import plot_sweep, write_json
@@ -36,7 +37,7 @@ def resolve_precisions(names, device: torch.device) -> dict[str, list[str]]:
 
 def run_sweep(settings: ScoreSettings, bench, build=None) -> dict:
     """Sweep batch sizes for every precision; prints a table per precision and writes sweep.{csv,json,png}."""
-    device = dev.resolve_device(settings.device)
+    device = cluster.resolve_device(settings.device)
     dev.configure(device, settings.seed)
     m = settings.model
     precisions = resolve_precisions(bench.precisions, device)

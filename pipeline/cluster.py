@@ -1,0 +1,118 @@
+"""Where this process runs: its rank and world size, its GPU, the CPUs it may use, and how a preempted
+run gets requeued. All cluster knowledge (explicit settings, torchrun, Slurm, Hydra's Slurm launcher)
+lives here.
+
+Rank: `dist.rank`/`dist.world_size` when given, else torchrun's RANK/WORLD_SIZE, else Slurm's array
+and task ids. GPU: LOCAL_RANK's (torchrun) or SLURM_LOCALID's among the visible ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import torch
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+
+
+def rank_and_world(dist) -> tuple[int, int]:
+    """(rank, world size): dist.* overrides, else torchrun, else Slurm (array index × tasks + task id).
+    Slurm's array index counts tasks, so `--array=0-30:2` gives indices 0…15 like `--array=0-15`."""
+    env = os.environ
+    if dist.rank is not None or dist.world_size is not None:
+        rank, world = dist.rank or 0, dist.world_size or 1
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    else:
+        tasks, proc = int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_PROCID", 0))
+        arrays = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        offset = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        array_index = offset // int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
+        rank, world = array_index * tasks + proc, arrays * tasks
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside world size {world} (dist.rank / dist.world_size)")
+    return rank, world
+
+
+def local_rank() -> int:
+    """This process's index among those on its node: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
+def given_gpus() -> str | None:
+    """The GPUs the scheduler or the user gave this process (the first variable that names any)."""
+    for name in GPU_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value and value not in ("-1", "NoDevFiles"):
+            return f"{name}={value}"
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """`cpu`; `cuda` (this process's GPU, or a user error); `auto`: the GPU when CUDA works, the CPU when
+    no GPU was given. A GPU given but unusable (a driver too old for this CUDA build, say) ends the run
+    before any work: an overnight run on the CPU by accident is worse than no run."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        # With all of a node's GPUs visible, each task picks its own by local rank; with one visible
+        # (--gpus-per-task=1), that one.
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    given = given_gpus()
+    if name == "cuda" or given:
+        reason = cuda_error()
+        where = f" although {given}" if given else ""
+        raise UserError(f"device={name}: CUDA cannot be used{where} ({reason}); fix the node, or run on the CPU on "
+                        "purpose with device=cpu")
+    return torch.device("cpu")
+
+
+def cuda_error() -> str:
+    """Why CUDA is not available, in torch's words."""
+    try:
+        torch.cuda.init()
+    except Exception as e:  # torch raises RuntimeError or AssertionError, depending on the build
+        return " ".join(str(e).split())[:200] or type(e).__name__
+    return "torch.cuda.is_available() is False"
+
+
+def cpus_available() -> int:
+    """The CPUs this process may use: Slurm's --cpus-per-task, else the affinity mask."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def launcher_dist(dist, launched_by_slurm_launcher: bool):
+    """Hydra's Slurm launcher submits a sweep as one array whose tasks are separate runs, not ranks of
+    one: each run's ranks are its srun tasks."""
+    if not launched_by_slurm_launcher or dist.rank is not None or dist.world_size is not None:
+        return dist
+    env = os.environ
+    return type(dist)(rank=int(env.get("SLURM_PROCID", 0)), world_size=int(env.get("SLURM_NTASKS", 1)))
+
+
+def in_slurm_launcher_job() -> bool:
+    """A job submitted by Hydra's Slurm launcher (conf/hydra/launcher/slurm.yaml)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+
+
+def requeue_with_launcher() -> None:
+    """Hand a run that stopped on USR1 to the launcher's own preemption handler (slurm.yaml makes USR1
+    its signal): it resubmits the same run, requeues the job and exits; the requeued run resumes."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler):
+        raise RuntimeError("stopped by USR1, but the launcher does not handle USR1: "
+                           "use hydra/launcher=slurm (it sets SUBMITIT_PREEMPT_SIGNAL=USR1)")
+    log.warning("stopped by USR1: requeueing this run through the launcher")
+    handler(signal.SIGUSR1, None)
