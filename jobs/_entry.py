@@ -19,9 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from pipeline.errors import EXIT_FAILED, EXIT_USER_ERROR, OutOfMemoryAtOneRow, UserError
+from pipeline.layout import local_logs_dir
 
 SWEEP_RUN_FAILED = "Error executing job with overrides"  # how Hydra reports a failed run of a sweep
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+# hydra.run.dir: Hydra writes its logs with plain files, so an s3:// output.dir gets a local log folder.
+OmegaConf.register_new_resolver("logs_dir", local_logs_dir, replace=True)
 
 
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dict:

@@ -10,22 +10,24 @@ import os
 
 from jobs._entry import run_job, to_plain
 from pipeline.errors import UserError
-from pipeline.manifest import MANIFEST, SUCCESS, verify, write_json_atomic
+from pipeline.layout import OutputLayout, is_url
+from pipeline.manifest import MANIFEST, SUCCESS, verify
 from pipeline.shards import expand_shards
 
 
 def main(cfg) -> int:
     config = to_plain(cfg)
     out_dir = config["output"]["dir"]
-    if not os.path.isdir(out_dir):
+    if not (is_url(out_dir) or os.path.isdir(out_dir)):
         raise UserError(f"output.dir {out_dir} does not exist")
+    layout = OutputLayout(out_dir)
     paths = expand_shards(config["data"]["shards"])
-    complete, table, content = verify(paths, out_dir, config["data"].get("index_cache_dir"))
+    complete, table, content = verify(paths, layout, config["data"].get("index_cache_dir"))
     print(table, flush=True)
-    if complete and not os.path.exists(os.path.join(out_dir, SUCCESS)):
+    if complete and not layout.exists(SUCCESS):
         # No rank got to it (e.g. the last one was killed after its last commit).
-        write_json_atomic(os.path.join(out_dir, MANIFEST), content)
-        write_json_atomic(os.path.join(out_dir, SUCCESS), content)
+        layout.write_json(MANIFEST, content)
+        layout.write_json(SUCCESS, content)
     return 0 if complete else 1
 
 

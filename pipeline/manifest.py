@@ -13,14 +13,12 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
+from pipeline.layout import OutputLayout
 from pipeline.shards import open_shard, read_index
-from pipeline.writer import read_footer, run_identity, shard_complete, stored_metadata
+from pipeline.writer import run_identity, shard_complete, stored_metadata
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +35,21 @@ def run_key(identity: dict, shard_names: list[str], world_size: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: str, content: dict) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
-
-
-def remove_success(out_dir: str) -> None:
+def remove_success(layout: OutputLayout) -> None:
     """The output is about to change: a `_SUCCESS` from before no longer holds."""
     for name in (SUCCESS, MANIFEST):
-        try:
-            os.remove(os.path.join(out_dir, name))
-        except FileNotFoundError:
-            pass
+        layout.remove(name)
 
 
-def record_path(out_dir: str, rank: int) -> str:
-    return os.path.join(out_dir, METRICS_DIR, f"{RECORD_PREFIX}{rank:05d}.json")
-
-
-def finish_rank(out_dir: str, record: dict, metadata: dict) -> dict:
+def finish_rank(layout: OutputLayout, record: dict, metadata: dict) -> dict:
     """Write this rank's completion record; from all ranks' records of the same run, write `_manifest.json`
     (a snapshot) and, when every rank is complete, `_SUCCESS`. Returns the manifest."""
-    write_json_atomic(record_path(out_dir, record["rank"]), record)
-    records = [r for r in read_records(out_dir) if r.get("run") == record["run"]]
+    layout.write_json(f"{METRICS_DIR}/{RECORD_PREFIX}{record['rank']:05d}.json", record)
+    records = [r for r in read_records(layout) if r.get("run") == record["run"]]
     content = merge_records(records, record["world_size"], metadata)
-    path = write_json_atomic(os.path.join(out_dir, MANIFEST), content)
+    path = layout.write_json(MANIFEST, content)
     if content["complete"]:
-        write_json_atomic(os.path.join(out_dir, SUCCESS), content)
+        layout.write_json(SUCCESS, content)
         log.info("all %d ranks complete (%d shards); wrote %s and %s", content["ranks"], content["shards"], path,
                  SUCCESS)
     else:
@@ -76,19 +58,23 @@ def finish_rank(out_dir: str, record: dict, metadata: dict) -> dict:
     return content
 
 
-def read_records(out_dir: str) -> list[dict]:
-    folder = os.path.join(out_dir, METRICS_DIR)
-    if not os.path.isdir(folder):
-        return []
-    records = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(RECORD_PREFIX) and name.endswith(".json"):
+def read_records(layout: OutputLayout) -> list[dict]:
+    return _read_all(layout, RECORD_PREFIX)
+
+
+def rank_metrics(layout: OutputLayout) -> list[dict]:
+    return _read_all(layout, "rank-")
+
+
+def _read_all(layout: OutputLayout, prefix: str) -> list[dict]:
+    found = []
+    for name in layout.listdir(METRICS_DIR):
+        if name.startswith(prefix) and name.endswith(".json"):
             try:
-                with open(os.path.join(folder, name)) as f:
-                    records.append(json.load(f))
+                found.append(layout.read_json(f"{METRICS_DIR}/{name}"))
             except (OSError, ValueError):  # being replaced right now, or damaged: that rank is not counted
                 continue
-    return records
+    return found
 
 
 def merge_records(records: list[dict], world_size: int, metadata: dict) -> dict:
@@ -138,7 +124,7 @@ class ShardReport:
     duplicate_keys: list[str] = field(default_factory=list)
 
 
-def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None) -> list[ShardReport]:
+def check_output(paths: list[str], layout: OutputLayout, cache_dir: str | None = None) -> list[ShardReport]:
     """Every shard's output against its index: every key exactly once; files under one run identity."""
     reports = []
     for path in paths:
@@ -146,10 +132,10 @@ def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None) -
         if shard.error:
             reports.append(ShardReport(shard.name, None, "unreadable_input", reason=shard.error))
             continue
-        reports.append(_check_shard(shard, os.path.join(out_dir, f"{shard.name}.parquet")))
+        reports.append(_check_shard(shard, layout, f"{shard.name}.parquet"))
     identities = collections.Counter(json.dumps(r.identity, sort_keys=True) for r in reports if r.identity)
     if len(identities) > 1:
-        expected = _expected_identity(out_dir, identities)
+        expected = _expected_identity(layout, identities)
         for r in reports:
             if r.identity and r.state == "done":
                 done, why = shard_complete(r.rows, r.identity, r.rows, expected)
@@ -158,23 +144,23 @@ def check_output(paths: list[str], out_dir: str, cache_dir: str | None = None) -
     return reports
 
 
-def _expected_identity(out_dir: str, identities: collections.Counter) -> dict:
+def _expected_identity(layout: OutputLayout, identities: collections.Counter) -> dict:
     """The run the output should belong to: the newest completion record's, else the most common."""
-    records = sorted(read_records(out_dir), key=lambda r: r.get("finished_at", 0))
+    records = sorted(read_records(layout), key=lambda r: r.get("finished_at", 0))
     if records and records[-1].get("identity"):
         return records[-1]["identity"]
     return json.loads(identities.most_common(1)[0][0])
 
 
-def _check_shard(shard, parquet: str) -> ShardReport:
+def _check_shard(shard, layout: OutputLayout, parquet: str) -> ShardReport:
     report = ShardReport(shard.name, shard.count, "missing")
-    meta, why = read_footer(parquet)
+    meta, why = layout.read_footer(parquet)
     if meta is None:
         report.reason = "no output" if why == "no output yet" else why
         report.state = "missing" if why == "no output yet" else "incomplete"
         return report
     try:
-        table = pq.read_table(parquet, columns=["key", "status"])
+        table = layout.read_table(parquet, columns=["key", "status"])
     except Exception as e:
         report.state, report.reason = "incomplete", f"unreadable parquet: {type(e).__name__}"
         return report
@@ -213,31 +199,16 @@ def manifest_from_reports(reports: list[ShardReport], metadata: dict, failed: di
     }
 
 
-def rank_metrics(out_dir: str) -> list[dict]:
-    folder = os.path.join(out_dir, METRICS_DIR)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("rank-") and name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    found.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-    return found
-
-
-def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tuple[bool, str, dict]:
+def verify(paths: list[str], layout: OutputLayout, cache_dir: str | None = None) -> tuple[bool, str, dict]:
     """Every key of every input shard exactly once, all under one run? (complete, printable table, manifest)."""
-    reports = check_output(paths, out_dir, cache_dir)
+    reports = check_output(paths, layout, cache_dir)
     metadata = {}
     done = [r for r in reports if r.state == "done"]
     if done:
-        meta, _ = read_footer(os.path.join(out_dir, f"{done[0].name}.parquet"))
+        meta, _ = layout.read_footer(f"{done[0].name}.parquet")
         metadata = stored_metadata(meta) if meta is not None else {}
     failed = {}
-    for record in read_records(out_dir):
+    for record in read_records(layout):
         failed.update(record.get("failed") or {})
     content = manifest_from_reports(reports, metadata, failed)
     by_state = collections.Counter(r.state for r in reports)
@@ -259,7 +230,7 @@ def verify(paths: list[str], out_dir: str, cache_dir: str | None = None) -> tupl
         if r.duplicate_keys:
             lines.append(f"  duplicate keys    {r.name}: {', '.join(r.duplicate_keys[:10])}"
                          + (" …" if len(r.duplicate_keys) > 10 else ""))
-    lines += rank_summary(rank_metrics(out_dir))
+    lines += rank_summary(rank_metrics(layout))
     lines.append("complete" if content["complete"] else "NOT complete")
     return content["complete"], "\n".join(lines), content
 

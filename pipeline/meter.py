@@ -9,8 +9,6 @@ writing Parquet.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 import time
 
@@ -88,11 +86,6 @@ class Meter:
         }
 
 
-def write_metrics(out_dir: str, rank: int, metrics: dict) -> str:
-    path = os.path.join(out_dir, "_metrics", f"rank-{rank:05d}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+def write_metrics(layout, rank: int, metrics: dict) -> str:
+    """`_metrics/rank-NNNNN.json` in the output folder (an OutputLayout), replaced atomically."""
+    return layout.write_json(f"_metrics/rank-{rank:05d}.json", metrics)

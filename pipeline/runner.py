@@ -24,6 +24,7 @@ from pipeline.autobatch import choose_batch_size
 from pipeline.batch import ShardFailure
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow
+from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, write_metrics
 from pipeline.model import LoadedModel, compile_model, load_model
@@ -151,7 +152,8 @@ class Runner:
         self.settings = p.settings
         m = p.settings.model
         readable = [s for s in p.shards if s.error is None]
-        self.writer = ShardWriter(p.settings.output.dir, {s.name: s.count for s in readable}, p.metadata, p.outputs)
+        self.layout = OutputLayout(p.settings.output.dir)
+        self.writer = ShardWriter(self.layout, {s.name: s.count for s in readable}, p.metadata, p.outputs)
         for s in p.shards:
             if s.error:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
@@ -166,7 +168,7 @@ class Runner:
         todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite)
         if todo:
             self.decoder_name = choose_decoder(self.settings.decoder, todo)
-            remove_success(self.settings.output.dir)
+            remove_success(self.layout)
         meter = Meter(sum(s.count for s in todo), self.p.device, self.settings.progress)
         stopped_by, decoder, fatal = None, None, None
         try:
@@ -255,7 +257,7 @@ class Runner:
             # from planning (shard indexing included) to every file on disk
             "job_seconds": round(time.perf_counter() - p.started, 3), "finished_at": time.time(),
         }
-        log.info("metrics=%s", write_metrics(out_dir, p.rank, metrics))
+        log.info("metrics=%s", write_metrics(self.layout, p.rank, metrics))
         writer.close()
         status_counts: collections.Counter = collections.Counter()
         for done in writer.committed.values():
@@ -269,7 +271,7 @@ class Runner:
             "rows": sum(done["rows"] for done in writer.committed.values()), "status_counts": dict(status_counts),
             "complete": len(writer.committed) == len(p.shards), "finished_at": time.time(),
         }
-        finish_rank(out_dir, record, p.metadata)
+        finish_rank(self.layout, record, p.metadata)
         return exit_code
 
 

@@ -1,8 +1,10 @@
-"""Shards: expand the user's patterns, make sure each has a DALI index file, count its samples,
-and pick this rank's share.
+"""Shards: expand the user's patterns (local paths, or URLs: s3:// and any fsspec scheme, webdataset's
+`pipe:` and https://), make sure each has a DALI index file, count its samples, and pick this rank's share.
 
 The index file (DALI's `wds2idx` format) is the single source of truth for which samples a shard
-holds: both decoders produce exactly one row per index entry, and the writer expects that count.
+holds: both decoders produce exactly one row per index entry, and the writer expects that count. A
+remote shard's index is built by streaming the object once and kept in the local index cache, under a
+name made of its URL, size and ETag, so a replaced object is indexed again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import braceexpand
 from wds2idx import IndexCreator
 
 from pipeline.errors import UserError
+from pipeline.layout import filesystem, is_remote, is_url, object_version, open_input
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class Shard:
     def is_plain_tar(self) -> bool:
         return self.path.endswith(PLAIN_TAR)
 
+    @property
+    def is_remote(self) -> bool:
+        return is_remote(self.path)
+
 
 @dataclass(frozen=True)
 class ShardIndex:
@@ -50,24 +57,21 @@ class ShardIndex:
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace patterns, globs, single paths, lists of those, or a .txt file of paths → sorted paths."""
+    """Brace patterns, globs, single paths or URLs, lists of those, or a .txt file of them → sorted."""
     items = [spec] if isinstance(spec, str) else list(spec)
     paths: list[str] = []
     for item in items:
-        item = os.path.expanduser(str(item))
-        if item.endswith(".txt") and os.path.isfile(item):
-            with open(item) as f:
-                lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        item = str(item) if is_remote(str(item)) else os.path.expanduser(str(item))
+        if item.endswith(".txt") and _is_file(item):
+            with (open_input(item) if is_remote(item) else open(item, "rb")) as f:
+                lines = [ln.strip() for ln in f.read().decode().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
             paths.extend(expand_shards(lines) if lines else [])
             continue
         for pattern in braceexpand.braceexpand(item):
-            if glob.has_magic(pattern):
-                paths.extend(glob.glob(pattern))
-            else:
-                paths.append(pattern)  # kept even when missing: it becomes a failed shard, not a lost one
-    paths = sorted(set(os.path.abspath(p) for p in paths))
-    existing = [p for p in paths if os.path.exists(p)]
-    if not existing:
+            paths.extend(_glob(pattern) if glob.has_magic(pattern.split("://")[-1]) else [pattern])
+    # kept even when missing: a missing shard becomes a failed shard, not a lost one
+    paths = sorted(set(p if is_remote(p) else os.path.abspath(p) for p in paths))
+    if not any(_exists(paths)):
         raise UserError(f"data.shards={spec!r} matches no file")
     names: dict[str, str] = {}
     for p in paths:
@@ -78,8 +82,42 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return paths
 
 
+def _glob(pattern: str) -> list[str]:
+    if not is_url(pattern):
+        return glob.glob(pattern)
+    fs, inner = filesystem(pattern)
+    return [fs.unstrip_protocol(p) for p in fs.glob(inner)]
+
+
+def _is_file(path: str) -> bool:
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, inner = filesystem(path)
+    return fs.isfile(inner)
+
+
+def _exists(paths: list[str]) -> list[bool]:
+    """Whether each path exists; remote objects by one listing per folder rather than a request each.
+    `pipe:` commands and http(s) URLs cannot be listed: they count as existing."""
+    listed: dict[str, set[str]] = {}
+    found = []
+    for p in paths:
+        if not is_url(p) or p.startswith(("http://", "https://")):
+            found.append(p.startswith(("pipe:", "http://", "https://")) or os.path.exists(p))
+            continue
+        folder = p.rsplit("/", 1)[0]
+        if folder not in listed:
+            fs, inner = filesystem(folder)
+            try:
+                listed[folder] = {fs.unstrip_protocol(x) for x in fs.ls(inner, detail=False)}
+            except FileNotFoundError:
+                listed[folder] = set()
+        found.append(p in listed[folder])
+    return found
+
+
 def shard_name(path: str) -> str:
-    base = os.path.basename(path)
+    base = os.path.basename(path.split("://", 1)[-1].split("?", 1)[0].rstrip("/"))
     for ext in COMPRESSED_TAR + PLAIN_TAR:
         if base.endswith(ext):
             return base[: -len(ext)]
@@ -91,31 +129,57 @@ def assign_to_rank(paths: list[str], rank: int, world_size: int) -> list[str]:
     return sorted(paths)[rank::world_size]
 
 
-def index_path_for(path: str, cache_dir: str | None) -> str:
-    """`<shard>.idx` beside the shard when that folder is writable, else in the cache folder."""
-    beside = os.path.join(os.path.dirname(path), shard_name(path) + ".idx")
-    if os.path.exists(beside) or os.access(os.path.dirname(path), os.W_OK):
-        return beside
+def index_path_for(path: str, cache_dir: str | None, version: str = "") -> str:
+    """`<shard>.idx` beside a local shard when that folder is writable, else in the cache folder; a
+    remote shard's in the cache folder, named after its URL and `version` (size and ETag)."""
+    if not is_remote(path):
+        beside = os.path.join(os.path.dirname(path), shard_name(path) + ".idx")
+        if os.path.exists(beside) or os.access(os.path.dirname(path), os.W_OK):
+            return beside
     if cache_dir is None:
         cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "shardscore", "index")
-    digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    key = path if is_remote(path) else os.path.abspath(path)
+    digest = hashlib.sha1(f"{key}|{version}".encode()).hexdigest()[:16]
     return os.path.join(cache_dir, f"{shard_name(path)}-{digest}.idx")
 
 
 def open_shard(path: str, cache_dir: str | None = None) -> Shard:
     """Index a shard (reusing a fresh index file) and count its samples; failures are recorded, not raised."""
+    if is_remote(path):
+        return _open_remote_shard(path, cache_dir)
     name = shard_name(path)
     if not os.path.isfile(path):
         return Shard(path, name, error="no such file")
     if not os.access(path, os.R_OK):
         return Shard(path, name, error="not readable")
     idx = index_path_for(path, cache_dir)
+    return _indexed(path, name, idx, lambda: not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)),
+                    lambda end: check_not_truncated(path, end) if path.endswith(PLAIN_TAR) else None)
+
+
+def _open_remote_shard(path: str, cache_dir: str | None) -> Shard:
+    name = shard_name(path)
+    size, version = None, ""
+    if is_url(path) and not path.startswith(("http://", "https://")):
+        try:
+            size, version = object_version(path)
+        except FileNotFoundError:
+            return Shard(path, name, error="no such object")
+        except Exception as e:  # credentials, endpoint, permissions: the store's own words
+            return Shard(path, name, error=f"cannot read: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
+    idx = index_path_for(path, cache_dir, f"{size}|{version}")
+    # A `pipe:` or http(s) shard cannot say whether it changed: it is indexed on every run.
+    stale = lambda: not version or not os.path.exists(idx)  # noqa: E731
+    return _indexed(path, name, idx, stale,
+                    lambda end: check_remote_size(end, size) if size is not None and path.endswith(PLAIN_TAR) else None)
+
+
+def _indexed(path: str, name: str, idx: str, stale, check) -> Shard:
     try:
-        if not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)):
+        if stale():
             create_index(path, idx)
         index = read_index(idx)
-        if path.endswith(PLAIN_TAR):
-            check_not_truncated(path, index.end)
+        check(index.end)
     except tarfile.TarError as e:
         return Shard(path, name, index_path=idx, error=f"cannot index: truncated or damaged tar ({e})")
     except (OSError, ValueError) as e:
@@ -130,16 +194,25 @@ SMALL_TAR_BYTES = 1 << 20
 
 
 class _IndexCreator(IndexCreator):
-    """wds2idx's index writer, listing small archives with tarfile instead of two GNU tar processes."""
+    """wds2idx's index writer, listing small archives with tarfile instead of two GNU tar processes, and
+    remote ones by streaming them once."""
 
     def _get_data_tar(self):
+        if is_remote(self.uri):
+            with open_input(self.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
+                yield from _members(archive)
+            return
         if os.path.getsize(self.uri) > SMALL_TAR_BYTES:
             yield from super()._get_data_tar()
             return
         with tarfile.open(self.uri, "r:" if self.uri.endswith(PLAIN_TAR) else "r:*") as archive:
-            for member in archive:
-                if member.isreg():
-                    yield member.offset_data, member.name, member.size
+            yield from _members(archive)
+
+
+def _members(archive: tarfile.TarFile):
+    for member in archive:
+        if member.isreg():
+            yield member.offset_data, member.name, member.size
 
 
 def create_index(path: str, idx: str) -> None:
@@ -179,6 +252,12 @@ def read_index(idx: str, spans: bool = False) -> ShardIndex:
     # Samples are listed in tar order, so the last one's components end last.
     end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), 4)), default=0)
     return ShardIndex(keys, extensions, end, where if spans else None)
+
+
+def check_remote_size(end: int, size: int) -> None:
+    """A remote tar holds all its indexed data (its end marker is not fetched: that would cost a request)."""
+    if end > size:
+        raise ValueError(f"truncated tar: data runs to byte {end}, the object has {size}")
 
 
 def check_not_truncated(path: str, end: int) -> None:

@@ -1,5 +1,6 @@
 """Per-shard Parquet files: buffer a shard's rows until all of them are in, then write the file
-atomically (temporary name, fsync, rename). A reader, or a rerun, never sees half a shard.
+atomically (locally: temporary name, fsync, rename; in object storage: one whole-object PUT). A
+reader, or a rerun, never sees half a shard.
 
 Rows arrive as columns per batch; a shard's table is built from them with one Arrow call per column,
 and a writer thread encodes, syncs and renames it (pyarrow and fsync release the GIL), so the loop
@@ -12,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import OK, Rows
+from pipeline.layout import OutputLayout
 
 log = logging.getLogger(__name__)
 
 META_KEY = b"shardscore"
-TMP_MARK = ".tmp-"
 MAX_PENDING_BYTES = 256 * 2**20  # tables handed to the writer thread and not yet on disk
 # What makes two runs' rows interchangeable: a file written under another identity is redone.
 IDENTITY_KEYS = ("model", "source", "weights", "precision", "outputs", "preprocess")
@@ -53,16 +53,6 @@ def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) 
     return True, ""
 
 
-def read_footer(path: str) -> tuple[pq.FileMetaData | None, str]:
-    """(footer, "") or (None, why not)."""
-    if not os.path.exists(path):
-        return None, "no output yet"
-    try:
-        return pq.read_metadata(path), ""
-    except Exception as e:
-        return None, f"unreadable parquet ({type(e).__name__})"
-
-
 @dataclass
 class _ShardBuffer:
     expected: int
@@ -79,8 +69,8 @@ class ShardWriter:
     key/shard/label/status/error.
     """
 
-    def __init__(self, out_dir: str, expected: dict[str, int], metadata: dict, outputs: list):
-        self.out_dir = out_dir
+    def __init__(self, layout: OutputLayout, expected: dict[str, int], metadata: dict, outputs: list):
+        self.layout = layout
         self.metadata = metadata
         self.identity = run_identity(metadata)
         self.outputs = outputs
@@ -107,14 +97,10 @@ class ShardWriter:
         self._thread = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardscore-write")
         self._pending: deque = deque()  # (shard, rows, status counts, bytes, future) in submission order
         self._pending_bytes = 0
-        os.makedirs(out_dir, exist_ok=True)
-
-    def path(self, shard: str) -> str:
-        return os.path.join(self.out_dir, f"{shard}.parquet")
 
     def resume(self, shard: str) -> tuple[bool, str]:
         """Is the shard's file already complete by the rule? If so it counts as committed."""
-        meta, why = read_footer(self.path(shard))
+        meta, why = self.layout.read_footer(f"{shard}.parquet")
         if meta is None:
             return False, why
         stored = stored_metadata(meta)
@@ -125,11 +111,8 @@ class ShardWriter:
 
     def remove_stale_temporaries(self, shards: list[str]) -> None:
         """Temporary files a killed run left for these shards (never another rank's)."""
-        prefixes = tuple(f".{s}.parquet{TMP_MARK}" for s in shards)
-        for name in os.listdir(self.out_dir):
-            if name.startswith(prefixes):
-                os.remove(os.path.join(self.out_dir, name))
-                log.info("removed leftover temporary file=%s", name)
+        for name in self.layout.remove_stale_temporaries(tuple(f".{s}.parquet" for s in shards)):
+            log.info("removed leftover temporary file=%s", name)
 
     def add(self, rows: Rows, values: dict[str, np.ndarray]) -> None:
         """A batch's rows (any shards, in order) with the output values of each row."""
@@ -159,11 +142,7 @@ class ShardWriter:
         """Wait for every file handed to the writer thread, then make the renames durable: one directory
         fsync rather than one per shard (a rename lost in a crash only means that shard is redone)."""
         self._collect(keep_bytes=0)
-        fd = os.open(self.out_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.layout.sync()
 
     def close(self) -> None:
         self._collect(keep_bytes=0)
@@ -196,17 +175,8 @@ class ShardWriter:
             self.status_counts.update(counts)
 
     def _write_file(self, shard: str, table: pa.Table) -> None:
-        final = self.path(shard)
-        tmp = os.path.join(self.out_dir, f".{shard}.parquet{TMP_MARK}{os.getpid()}")
-        try:
-            pq.write_table(table, tmp, **self._parquet_options)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, final)
+        path = self.layout.write_parquet(f"{shard}.parquet", table, **self._parquet_options)
+        log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, path)
 
     def _table(self, rows: Rows, values: list[dict[str, np.ndarray]], metadata: dict) -> pa.Table:
         merged = {name: np.concatenate([v[name] for v in values]) if len(values) > 1 else values[0][name]
@@ -244,6 +214,3 @@ def _concat_rows(parts: list[Rows]) -> Rows:
     return rows
 
 
-def read_run_metadata(path: str) -> dict:
-    """The shardscore metadata stored in a Parquet file's schema."""
-    return stored_metadata(pq.read_metadata(path))

@@ -15,24 +15,31 @@ from pipeline.shards import Shard
 log = logging.getLogger(__name__)
 
 
+def dali_reads(shard: Shard) -> bool:
+    """DALI's webdataset reader takes plain tars, local or in S3 (through its AWS SDK, which uses the
+    same AWS_* environment and config files as everything else here)."""
+    return shard.is_plain_tar and (not shard.is_remote or shard.path.startswith("s3://"))
+
+
 def choose_decoder(name: str, shards: list[Shard]) -> str:
-    """`auto` → DALI when it imports and every shard is a plain tar, else torch (said in the log)."""
+    """`auto` → DALI when it imports and reads every shard, else torch (said in the log)."""
     from pipeline.decode.dali import dali_available
 
+    others = [s.path for s in shards if not dali_reads(s)]
     if name == "dali":
         if not dali_available():
             raise UserError("decoder=dali but nvidia-dali is not installed; use decoder=torch or decoder=auto")
-        compressed = [s.path for s in shards if not s.is_plain_tar]
-        if compressed:
-            raise UserError(f"decoder=dali reads plain .tar shards only, got {compressed[0]}; use decoder=torch")
+        if others:
+            raise UserError(f"decoder=dali reads plain .tar shards, local or s3://, got {others[0]}; use decoder=torch")
         return "dali"
     if name == "torch":
         return "torch"
     if not dali_available():
         log.warning("decoder=auto: nvidia-dali does not import; using decoder=torch")
         return "torch"
-    if not all(s.is_plain_tar for s in shards):
-        log.warning("decoder=auto: some shards are compressed tars, which DALI cannot read; using decoder=torch")
+    if others:
+        log.warning("decoder=auto: DALI cannot read %s (compressed, or neither local nor s3://); using decoder=torch",
+                    others[0])
         return "torch"
     return "dali"
 

@@ -1,9 +1,9 @@
 """torch back-end: `torchvision.io.decode_image` + `transforms.v2` in DataLoader workers. Also the
 path for .tar.gz shards and machines without DALI.
 
-A plain tar is read as DALI reads it: by its index file, each component a view of the memory-mapped
-shard, with no tar parsing per sample. Compressed tars, which have no random access, are streamed
-with webdataset's tar reader. Each worker reads whole shards (so a shard's rows keep their order) and
+A local plain tar is read as DALI reads it: by its index file, each component a view of the
+memory-mapped shard, with no tar parsing per sample. Compressed tars, which have no random access, and
+remote ones (s3:// and other fsspec URLs, `pipe:`, https://) are streamed with webdataset's tar reader. Each worker reads whole shards (so a shard's rows keep their order) and
 sends chunks of rows as columns with their uint8 crops in one tensor; normalisation happens on the
 scoring device, in the same code the DALI back-end uses.
 """
@@ -24,6 +24,7 @@ from webdataset.tariterators import tar_file_iterator
 from pipeline.batch import OK, Batch, Rows, ShardFailure
 from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess
 from pipeline.decode.samples import SampleRules, one_line, parse_label, sample_status
+from pipeline.layout import open_input
 from pipeline.shards import Shard, read_index
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,11 @@ class ShardSamples(IterableDataset):
 
 
 def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
-    """(key, {extension: data}) for every sample, in tar order. For a plain tar, data are writable views
-    of a private memory map (copy-on-write, never written); for a compressed one, bytes."""
-    if not shard.is_plain_tar:
-        with open(shard.path, "rb") as stream:
+    """(key, {extension: data}) for every sample, in tar order. For a local plain tar, data are writable
+    views of a private memory map (copy-on-write, never written); for a compressed or remote one, bytes
+    streamed by webdataset's tar reader."""
+    if not shard.is_plain_tar or shard.is_remote:
+        with open_input(shard.path) as stream:
             yield from group_by_key(tar_file_iterator(stream, skip_meta=None))
         return
     index = read_index(shard.index_path, spans=True)

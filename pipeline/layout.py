@@ -1,0 +1,181 @@
+"""Where the job's files live: a local or cluster file system, or object storage (s3:// and any other
+fsspec URL). The output folder's layout and its atomic writes, and opening inputs by URL.
+
+Locally a file is written under a temporary name, fsynced and renamed; in object storage it is one
+whole-object PUT. Either way a reader never sees half a file. Endpoints and credentials come from the
+standard environment and config files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID …, ~/.aws/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_MARK = ".tmp-"
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def is_remote(path: str) -> bool:
+    """Not a local path: a URL (s3://, https://, …) or a webdataset `pipe:` command."""
+    return is_url(path) or path.startswith("pipe:")
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path within it) for a URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def open_input(path: str):
+    """A binary stream over a shard: local files directly, `pipe:` commands and http(s) through
+    webdataset (which already opens them), other URLs through fsspec."""
+    if not is_remote(path):
+        return open(path, "rb")
+    if path.startswith(("pipe:", "http://", "https://")):
+        from webdataset.gopen import gopen
+
+        return gopen(path, "rb")
+    fs, inner = filesystem(path)
+    return fs.open(inner, "rb")
+
+
+def object_version(url: str) -> tuple[int, str]:
+    """(size, ETag or modification time) of a remote object: what changes when it is replaced."""
+    fs, inner = filesystem(url)
+    info = fs.info(inner)
+    version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    return int(info.get("size") or 0), str(version).strip('"')
+
+
+class OutputLayout:
+    """The output folder: `<shard>.parquet` files, and `_`-prefixed names Parquet readers skip."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/") or root
+        self.remote = is_url(root)
+        if self.remote:
+            self.fs, self.base = filesystem(self.root)
+        else:
+            os.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.remote else os.path.join(self.root, name)
+
+    def _inner(self, name: str) -> str:
+        return posixpath.join(self.base, name)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._inner(name)) if self.remote else os.path.exists(self.path(name))
+
+    def listdir(self, folder: str = "") -> list[str]:
+        """Names in the output folder (or one of its sub-folders); [] when it does not exist."""
+        if self.remote:
+            try:
+                return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self._inner(folder), detail=False,
+                                                                                      refresh=True))
+            except FileNotFoundError:
+                return []
+        target = os.path.join(self.root, folder)
+        return sorted(os.listdir(target)) if os.path.isdir(target) else []
+
+    def read_json(self, name: str) -> dict:
+        if self.remote:
+            return json.loads(self.fs.cat_file(self._inner(name)))
+        with open(self.path(name)) as f:
+            return json.load(f)
+
+    def write_json(self, name: str, content: dict) -> str:
+        return self.write_bytes(name, json.dumps(content, indent=2, sort_keys=True, default=str).encode(), sync=False)
+
+    def write_bytes(self, name: str, data: bytes, sync: bool = True) -> str:
+        """Atomically: a reader sees the old content or the new, never part of it."""
+        if self.remote:
+            self.fs.pipe_file(self._inner(name), data)
+            return self.path(name)
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if sync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def write_parquet(self, name: str, table: pa.Table, **options) -> str:
+        if self.remote:
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table, buffer, **options)
+            return self.write_bytes(name, buffer.getvalue().to_pybytes())
+        path = self.path(name)
+        tmp = os.path.join(self.root, f".{name}{TMP_MARK}{os.getpid()}")
+        try:
+            pq.write_table(table, tmp, **options)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def read_footer(self, name: str) -> tuple[pq.FileMetaData | None, str]:
+        """(footer, "") or (None, why not)."""
+        if not self.exists(name):
+            return None, "no output yet"
+        try:
+            if self.remote:
+                return pq.read_metadata(self._inner(name), filesystem=self.fs), ""
+            return pq.read_metadata(self.path(name)), ""
+        except Exception as e:
+            return None, f"unreadable parquet ({type(e).__name__})"
+
+    def read_table(self, name: str, columns: list[str]) -> pa.Table:
+        if self.remote:
+            return pq.read_table(self._inner(name), columns=columns, filesystem=self.fs)
+        return pq.read_table(self.path(name), columns=columns)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._inner(name)) if self.remote else os.remove(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def sync(self) -> None:
+        """Make this run's renames durable (local folders; object storage has no renames)."""
+        if self.remote:
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove_stale_temporaries(self, prefixes: tuple[str, ...]) -> list[str]:
+        """Temporary files a killed run left (local only: object storage writes whole objects)."""
+        if self.remote:
+            return []
+        stale = [n for n in os.listdir(self.root) if n.startswith(prefixes) and TMP_MARK in n]
+        for name in stale:
+            os.remove(os.path.join(self.root, name))
+        return stale
+
+
+def local_logs_dir(output_dir: str) -> str:
+    """Where Hydra's run logs go: `<output.dir>/_logs` on a file system; for an object-storage output,
+    a local folder (`./outputs/logs/<bucket>/<prefix>`), as Hydra writes its logs with plain files."""
+    if not is_url(output_dir):
+        return f"{output_dir.rstrip('/')}/_logs"
+    return os.path.join(os.getcwd(), "outputs", "logs", output_dir.split("://", 1)[1].strip("/"))

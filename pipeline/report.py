@@ -1,0 +1,405 @@
+"""`jobs.report`: one self-contained HTML page about a run's output folder (rows by status, the shards
+with the most error rows, predicted classes, top-1 probability, embedding norms, each rank's images/s
+over time) and a short text summary.
+
+One pass over the shard files reads only the columns it draws, batch by batch, into fixed-size
+aggregates (counts, histograms), so tens of millions of rows cost the memory of one batch. A run still
+in progress works too: its committed shards and its ranks' refreshed metrics. The page is one file with
+its charts embedded, readable offline; headless Chromium can render it to a PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import html
+import io
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.bench.report import pyplot
+from pipeline.errors import UserError
+
+# The names pipeline.writer and pipeline.manifest use; they import torch (through pipeline.batch), which
+# a report needs neither the module nor the seconds of start-up of. tests/test_report.py checks they agree.
+META_KEY = b"shardscore"
+SUCCESS, MANIFEST, METRICS_DIR = "_SUCCESS", "_manifest.json", "_metrics"
+REPORT_DIR = "_report"
+CHROMIUMS = ("chromium", "chromium-browser")
+SHARDS_LISTED = 10  # shards with the most error rows
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """Which output folder to report on, and how much to draw."""
+
+    output_dir: str
+    top_classes: int = 20  # bars in the predicted-classes chart
+    bins: int = 50  # bins of each histogram
+    screenshot: str | None = None  # also render the page to this PNG with headless Chromium
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UserError("output.dir is required")
+        if self.top_classes < 1 or self.bins < 2:
+            raise UserError("report.top_classes must be >= 1 and report.bins >= 2")
+
+
+class Histogram:
+    """Equal bins over a fixed range, or over one that doubles until it holds every value seen: one pass
+    and fixed memory for values whose range is not known in advance (embedding norms, scores)."""
+
+    def __init__(self, bins: int, lo: float | None = None, hi: float | None = None):
+        self.bins, self.fixed = bins, lo is not None
+        # Adaptive: 8x finer inside (an even count, so pairs merge), to show about `bins` however it grew.
+        self.counts = np.zeros(bins if self.fixed else 8 * bins, np.int64)
+        self.lo, self.width = lo, None if lo is None else (hi - lo) / len(self.counts)
+
+    def add(self, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return
+        low, high, n = float(values.min()), float(values.max()), len(self.counts)
+        if self.lo is None:
+            self.lo, self.width = low, max(high - low, abs(low) * 1e-3, 1e-6) / n
+        while not self.fixed and (low < self.lo or high > self.lo + self.width * n):
+            merged = self.counts.reshape(-1, 2).sum(axis=1)  # double the width, extend towards the outlier
+            left = low < self.lo
+            self.counts = np.concatenate([np.zeros_like(merged), merged] if left else [merged, np.zeros_like(merged)])
+            self.lo -= self.width * n if left else 0.0
+            self.width *= 2
+        self.counts += np.bincount(np.clip(((values - self.lo) / self.width).astype(np.int64), 0, n - 1), minlength=n)
+
+    def result(self) -> dict | None:
+        """About `bins` bin edges and counts (an adaptive range without the empty bins at either end)."""
+        filled = np.flatnonzero(self.counts)
+        if not filled.size:
+            return None
+        first, last = (0, len(self.counts)) if self.fixed else (filled[0], filled[-1] + 1)
+        group = -(-(last - first) // self.bins)
+        counts = np.pad(self.counts[first:last], (0, -(last - first) % group)).reshape(-1, group).sum(axis=1)
+        return {"edges": (self.lo + self.width * (first + group * np.arange(len(counts) + 1))).tolist(),
+                "counts": counts.tolist(), "values": int(self.counts.sum())}
+
+
+def shard_files(out_dir: str) -> list[str]:
+    """The committed shard files: `*.parquet`, without `_` extras and the `.` files being written."""
+    return sorted(e.path for e in os.scandir(out_dir)
+                  if e.is_file() and e.name.endswith(".parquet") and not e.name.startswith(("_", ".")))
+
+
+def scan(files: list[str], bins: int) -> dict:
+    """Status counts per shard, top-1 class counts and histograms over every row, a batch at a time."""
+    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=["shard", "status"]))
+    dataset = ds.dataset(files, format=fmt)
+    names = set(dataset.schema.names)
+    if not {"shard", "status"} <= names:
+        raise UserError(f"{files[0]} has no shard and status columns: not an output of jobs.score")
+    class_column = next((c for c in ("topk_label", "topk_index") if c in names), None)
+    columns = ["shard", "status", *(c for c in (class_column, "topk_prob", "embedding", "score") if c in names)]
+    by_shard: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    classes: collections.Counter = collections.Counter()
+    hists = {"top1_prob": Histogram(bins, 0.0, 1.0), "embedding_norm": Histogram(bins), "score": Histogram(bins)}
+    rows = 0
+    width = dataset.schema.field("embedding").type.list_size if "embedding" in names else 0
+    batch_rows = max(1024, min(1 << 17, (8 << 20) // max(1, width)))  # wide embeddings: ~32 MB of float32
+    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=4, fragment_readahead=2):
+        rows += batch.num_rows
+        _count_statuses(by_shard, batch.column("shard"), batch.column("status"))
+        if class_column == "topk_label":
+            values, starts = _first_elements(batch.column(class_column))
+            counts = pc.value_counts(values.take(pa.array(starts)))
+            classes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        elif class_column:
+            values, starts = _first_elements(batch.column(class_column))
+            found, counts = np.unique(values.to_numpy()[starts], return_counts=True)
+            classes.update(dict(zip(found.tolist(), counts.tolist())))
+        if "topk_prob" in columns:
+            values, starts = _first_elements(batch.column("topk_prob"))
+            hists["top1_prob"].add(values.to_numpy()[starts])
+        if "embedding" in columns:
+            hists["embedding_norm"].add(_norms(batch.column("embedding")))
+        if "score" in columns:
+            hists["score"].add(batch.column("score").drop_null().to_numpy().astype(np.float32))
+    return {"rows": rows, "by_shard": by_shard, "classes": classes, "class_column": class_column,
+            **{name: h.result() for name, h in hists.items()}}
+
+
+def _count_statuses(by_shard: dict, shard: pa.Array, status: pa.Array) -> None:
+    shard, status = (a if pa.types.is_dictionary(a.type) else pc.dictionary_encode(a) for a in (shard, status))
+    n = len(status.dictionary)
+    counts = np.bincount(shard.indices.to_numpy().astype(np.int64) * n + status.indices.to_numpy())
+    for code in np.flatnonzero(counts):
+        by_shard[shard.dictionary[code // n].as_py()][status.dictionary[code % n].as_py()] += int(counts[code])
+
+
+def _first_elements(lists: pa.ListArray) -> tuple[pa.Array, np.ndarray]:
+    """The list values and, for every non-empty list, the position of its first element among them."""
+    offsets = lists.offsets.to_numpy()
+    keep = (np.diff(offsets) > 0) & lists.is_valid().to_numpy(zero_copy_only=False)
+    return lists.values, offsets[:-1][keep]
+
+
+def _norms(embedding: pa.FixedSizeListArray) -> np.ndarray:
+    """The L2 norm of every non-null row, in float32 (float16 squares overflow)."""
+    matrix = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    matrix = matrix.reshape(-1, embedding.type.list_size)
+    return np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+
+
+def current_metrics(out_dir: str) -> list[dict]:
+    """Each rank's `_metrics/rank-*.json` of the newest run's world size, by rank."""
+    folder = os.path.join(out_dir, METRICS_DIR)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = [m for m in (_read_json(os.path.join(folder, n)) for n in names
+                         if n.startswith("rank-") and n.endswith(".json")) if m]
+    world = max(found, key=_updated).get("world_size") if found else None
+    return sorted((m for m in found if m.get("world_size") == world), key=lambda m: m.get("rank", 0))
+
+
+def _updated(metrics: dict) -> float:
+    return metrics.get("updated_at") or metrics.get("finished_at") or 0.0
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # being replaced right now, or damaged
+        return {}
+
+
+def run_identity(files: list[str], metrics: list[dict]) -> dict:
+    """Model, precision, batch size and version from the newest shard file's metadata, else the metrics."""
+    stored = json.loads((pq.read_schema(max(files, key=os.path.getmtime)).metadata or {}).get(META_KEY, b"{}"))
+    latest = max(metrics, key=_updated) if metrics else {}
+    keys = ("model", "source", "weights", "precision", "batch_size", "outputs", "version")
+    return {key: stored.get(key, latest.get(key)) for key in keys}
+
+
+def run_state(out_dir: str, metrics: list[dict], written: int) -> tuple[str, str]:
+    """("in progress" | "complete" | "incomplete", one line saying so)."""
+    running = [m for m in metrics if m.get("running")]
+    world = metrics[0].get("world_size", len(metrics)) if metrics else None
+    expected = _read_json(os.path.join(out_dir, MANIFEST)).get("shards") or (
+        sum(m.get("shards_assigned", 0) for m in metrics) if metrics and len(metrics) == world else None)
+    shards = f"{written} of {expected} shards written" if expected else f"{written} shards written"
+    if running:
+        age = time.time() - max(_updated(m) for m in running)
+        return "in progress", f"in progress: {len(running)} of {world} ranks running, {shards}, last update {age:.0f} s ago"
+    if os.path.exists(os.path.join(out_dir, SUCCESS)):
+        return "complete", f"complete (_SUCCESS), {shards}"
+    return "incomplete", f"incomplete: no _SUCCESS and no rank running, {shards} (jobs.verify says what is missing)"
+
+
+def rank_rates(metrics: list[dict]) -> list[dict]:
+    """Per rank, images/s over time: between consecutive `progress` points, else its sustained rate at its end."""
+    series = []
+    for m in metrics:
+        points = np.asarray(m.get("progress") or [], dtype=np.float64).reshape(-1, 2)
+        dt, dn = np.diff(points[:, 0]), np.diff(points[:, 1])
+        times, rates = points[1:, 0][dt > 0], dn[dt > 0] / dt[dt > 0]
+        if not len(times) and m.get("finished_at") and m.get("sustained_images_per_sec") is not None:
+            times, rates = np.array([m["finished_at"]]), np.array([m["sustained_images_per_sec"]])
+        if len(times):
+            start = points[0, 0] if len(points) else times[0] - m.get("seconds", 0)
+            running = bool(m.get("running"))
+            now = rates[-1] if running or m.get("sustained_images_per_sec") is None else m["sustained_images_per_sec"]
+            series.append({"rank": m.get("rank", 0), "start": float(start), "times": times.tolist(),
+                           "rates": rates.tolist(), "running": running, "images_per_sec": float(now)})
+    return series
+
+
+def write_report(settings: ReportSettings) -> dict:
+    """Write `<output.dir>/_report/index.html` (and the screenshot, if asked for), print a short summary,
+    and return the numbers it printed."""
+    out = settings.output_dir
+    if "://" in out:
+        raise UserError(f"output.dir {out}: jobs.report reads a local (or mounted) folder, not a URL")
+    if not os.path.isdir(out):
+        raise UserError(f"output.dir {out} does not exist")
+    chromium = find_chromium() if settings.screenshot else None
+    if settings.screenshot and not chromium:
+        raise UserError(f"report.screenshot needs Chromium: none of {', '.join(CHROMIUMS)} is on PATH")
+    files = shard_files(out)
+    if not files:
+        raise UserError(f"output.dir {out} holds no shard Parquet files (<shard>.parquet) yet")
+    metrics = current_metrics(out)
+    found = scan(files, settings.bins)
+    state, detail = run_state(out, metrics, len(files))
+    statuses = sum(found["by_shard"].values(), collections.Counter())
+    errors = {s: sum(n for k, n in c.items() if k != "ok") for s, c in found["by_shard"].items()}
+    worst = sorted(((s, n) for s, n in errors.items() if n), key=lambda x: (-x[1], x[0]))[:SHARDS_LISTED]
+    result = {
+        "output_dir": out, "html": os.path.join(out, REPORT_DIR, "index.html"), "screenshot": settings.screenshot,
+        "state": state, "state_detail": detail, "identity": run_identity(files, metrics),
+        "rows": found["rows"], "shards": len(files),
+        "status_counts": dict(sorted(statuses.items(), key=lambda x: (x[0] != "ok", -x[1], x[0]))),
+        "shard_errors": [[s, n, {k: v for k, v in sorted(found["by_shard"][s].items()) if k != "ok"}] for s, n in worst],
+        "class_column": found["class_column"],
+        "top_classes": sorted(found["classes"].items(), key=lambda x: (-x[1], str(x[0])))[:settings.top_classes],
+        **{name: found[name] for name in ("top1_prob", "embedding_norm", "score")},
+        "ranks": rank_rates(metrics),
+    }
+    os.makedirs(os.path.dirname(result["html"]), exist_ok=True)
+    tmp = f"{result['html']}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_html(result))
+    os.replace(tmp, result["html"])  # a browser showing the page never reads half of it
+    if chromium:
+        screenshot(chromium, result["html"], settings.screenshot)
+    print(format_summary(result), flush=True)
+    return result
+
+
+def format_summary(r: dict) -> str:
+    ident = r["identity"]
+    lines = [f"report   {r['html']}" + (f" (screenshot {r['screenshot']})" if r["screenshot"] else ""),
+             f"run      {r['state_detail']}",
+             f"model    {ident['model']} ({ident['source']}, weights {ident['weights']}) {ident['precision']}, batch "
+             f"{ident['batch_size']}, outputs {'+'.join(ident['outputs'] or [])}, shardscore {ident['version']}",
+             f"rows     {r['rows']} in {r['shards']} shards: "
+             + " ".join(f"{k}={v}" for k, v in r["status_counts"].items()),
+             "errors   " + (" ".join(f"{s}={n}" for s, n, _ in r["shard_errors"]) + " (shards with most error rows)"
+                            if r["shard_errors"] else "none")]
+    if r["top_classes"]:
+        lines.append(f"classes  {' '.join(f'{c}={n}' for c, n in r['top_classes'][:5])} (top-1 by "
+                     f"{r['class_column']}[0], {min(5, len(r['top_classes']))} of {len(r['top_classes'])} in the page)")
+    lines.append("ranks    " + (", ".join(f"rank {s['rank']} {s['images_per_sec']:.1f} images/s "
+                                          + ("(latest, running)" if s["running"] else "(sustained)")
+                                          for s in r["ranks"]) or "no metrics yet"))
+    return "\n".join(lines)
+
+
+def _chart(draw, title: str, height: float = 3.4) -> str:
+    """A matplotlib chart as an embedded PNG `<img>`."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, height), dpi=100)
+    draw(ax)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return f'<img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _histogram(ax, hist: dict, xlabel: str) -> None:
+    edges = np.asarray(hist["edges"])
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:blue", edgecolor="white")
+    ax.set(xlabel=xlabel, ylabel="rows")
+
+
+def _classes(ax, classes: list, column: str) -> None:
+    names = [(str(c) if len(str(c)) <= 28 else str(c)[:27] + "…") if isinstance(c, str) else f"#{c}" for c, _ in classes]
+    ax.barh(range(len(names)), [n for _, n in classes], color="tab:blue")
+    ax.set_yticks(range(len(names)), names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"rows ({column}[0])")
+
+
+def _rates(ax, ranks: list) -> None:
+    start = min(s["start"] for s in ranks)
+    unit, name = (3600, "hours") if max(max(s["times"]) for s in ranks) - start > 3 * 3600 else (60, "minutes")
+    for s in ranks:
+        ax.plot((np.asarray(s["times"]) - start) / unit, s["rates"], marker="o" if len(s["times"]) < 20 else None,
+                markersize=4, label=f"rank {s['rank']}" + (" (running)" if s["running"] else ""))
+    ax.set(xlabel=f"{name} since the first rank started", ylabel="images/s", ylim=(0, None))
+    if len(ranks) <= 10:
+        ax.legend(fontsize=8)
+
+
+def render_html(r: dict) -> str:
+    """The page: who ran what and how far it got, two tables, then the charts in a grid."""
+    e = html.escape
+    ident = r["identity"]
+    fields = {"model": ident["model"], "source": ident["source"], "weights": ident["weights"],
+              "precision": ident["precision"], "batch size": ident["batch_size"],
+              "outputs": ", ".join(ident["outputs"] or []), "version": ident["version"],
+              "rows": f"{r['rows']:,}", "shards": r["shards"]}
+    total = max(r["rows"], 1)
+    status_rows = "".join(f"<tr><td>{e(k)}</td><td class=n>{v:,}</td><td class=n>{v / total:.2%}</td></tr>"
+                          for k, v in r["status_counts"].items())
+    error_rows = "".join(f"<tr><td class=nw>{e(s)}</td><td class=n>{n:,}</td><td class=kinds>"
+                         f"{', '.join(f'<span class=nw>{e(k)} {v}</span>' for k, v in sorted(kinds.items(), key=lambda x: -x[1]))}"
+                         "</td></tr>" for s, n, kinds in r["shard_errors"]) or "<tr><td colspan=3>no error rows</td></tr>"
+    sections = [("Rows by status", f"<table><tr><th>status</th><th class=n>rows</th><th class=n>share</th></tr>"
+                                   f"{status_rows}</table>"),
+                ("Shards with the most error rows", "<table><tr><th>shard</th><th class=n>errors</th><th>by kind</th>"
+                                                    f"</tr>{error_rows}</table>")]
+    if r["top_classes"]:
+        height = 1.2 + 0.22 * len(r["top_classes"])
+        sections.append(("Top predicted classes", _chart(lambda ax: _classes(ax, r["top_classes"], r["class_column"]),
+                                                         f"{sum(n for _, n in r['top_classes']):,} of "
+                                                         f"{r['status_counts'].get('ok', 0):,} ok rows", max(height, 3.4))))
+    for key, title, xlabel in (("top1_prob", "Top-1 probability", "topk_prob[0]"),
+                               ("embedding_norm", "Embedding L2 norm", "‖embedding‖₂"), ("score", "Score", "score")):
+        if r[key]:
+            sections.append((title, _chart(lambda ax, k=key, x=xlabel: _histogram(ax, r[k], x),
+                                           f"{r[key]['values']:,} ok rows")))
+    sections.append(("Images/s per rank", _chart(lambda ax: _rates(ax, r["ranks"]), "between metrics refreshes")
+                     if r["ranks"] else "<p>No rank metrics (<code>_metrics/rank-*.json</code>) yet.</p>"))
+    state = r["state"].replace(" ", "-")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>shardscore report: {e(str(ident['model']))}</title>
+<style>{CSS}</style></head><body>
+<h1>shardscore report</h1><p class=path>{e(os.path.abspath(r['output_dir']))}</p>
+<p><span class="state {state}">{e(r['state_detail'])}</span>
+<span class=when>generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}</span></p>
+<table class=identity><tr>{''.join(f'<th>{e(k)}</th>' for k in fields)}</tr>
+<tr>{''.join(f'<td>{e(str(v))}</td>' for v in fields.values())}</tr></table>
+<div class=grid>{''.join(f'<section><h2>{e(t)}</h2>{body}</section>' for t, body in sections)}</div>
+</body></html>
+"""
+
+
+CSS = """body{font:15px/1.45 "DejaVu Sans",Arial,sans-serif;color:#222;background:#fff;margin:24px;max-width:1152px}
+h1{font-size:24px;margin:0}h2{font-size:16px;margin:0 0 8px}.path{font-family:monospace;color:#555;margin:4px 0 10px}
+.state{padding:4px 10px;border-radius:4px;font-weight:bold}.complete{background:#dcf2dc}
+.in-progress{background:#fff0c2}.incomplete{background:#f9d6d5}.when{color:#777;margin-left:12px;font-size:13px}
+table{border-collapse:collapse;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e4e4e4;text-align:left}
+th{color:#555;font-weight:normal;font-size:13px}.n{text-align:right;font-variant-numeric:tabular-nums}
+.identity{margin-top:14px}.identity td{font-weight:bold}
+.nw{white-space:nowrap}.kinds{font-size:12px;color:#444}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;margin-top:18px;align-items:start}
+section{border:1px solid #ddd;border-radius:6px;padding:12px;min-width:0}img{max-width:100%;display:block}"""
+
+
+def find_chromium() -> str | None:
+    return next((path for path in map(shutil.which, CHROMIUMS) if path), None)
+
+
+def screenshot(chromium: str, page: str, png: str, width: int = 1200, height: int = 8000) -> None:
+    """Render `page` with headless Chromium to `png`, `width` wide, cut below the content. The network
+    flags keep Chromium from dialling out (refused connections on a closed network otherwise stall it)."""
+    from PIL import Image, ImageChops
+
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    if os.path.exists(png):
+        os.remove(png)  # so a Chromium that writes nothing is not mistaken for one that did
+    with tempfile.TemporaryDirectory(prefix="shardscore-chromium-") as profile:
+        done = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={profile}", f"--window-size={width},{height}", f"--screenshot={os.path.abspath(png)}",
+             pathlib.Path(page).resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    if done.returncode or not os.path.exists(png):
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{chromium} could not render {page} (exit {done.returncode}): {last}")
+    with Image.open(png) as image:
+        image = image.convert("RGB")
+    box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).getbbox()
+    image.crop((0, 0, image.width, min(image.height, (box[3] if box else 0) + 24))).save(png)

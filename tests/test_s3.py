@@ -1,0 +1,178 @@
+"""Shards and output in S3-compatible storage, against a real S3 API server (moto's server mode on
+127.0.0.1, started here); `pipe:` and http shards through the torch decoder."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, TINY, run_cli, small_jpegs
+from pipeline.pack import write_shards
+
+pytest.importorskip("moto")
+s3fs = pytest.importorskip("s3fs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3 endpoint with bucket `data` holding three shards under in/; yields the environment to use."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs = s3fs.S3FileSystem()
+        for _ in range(100):
+            try:
+                fs.mkdir("data")
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.1)
+        local = write_shards(small_jpegs(20, seed=61), str(tmp_path_factory.mktemp("s3in")), 7, "part")
+        for path in local:
+            fs.put(path, f"data/in/{os.path.basename(path)}")
+        yield {"env": env, "fs": fs, "local": local}
+    finally:
+        server.terminate()
+        server.wait()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def rows(folder) -> list[tuple]:
+    return sorted((r["shard"], r["key"], r["status"], tuple(r["topk_index"] or ()))
+                  for p in sorted(folder.glob("*.parquet")) for r in pq.read_table(p).to_pylist())
+
+
+def score(*args, env=None):
+    return run_cli("jobs.score", *TINY, *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def local_rows(s3, tmp_path_factory):
+    """The rows of the same shards read from local disk, per decoder (the two resample a little apart)."""
+    found = {}
+
+    def of(decoder: str) -> list[tuple]:
+        if decoder not in found:
+            out = tmp_path_factory.mktemp(f"local-{decoder}")
+            assert score(f"data.shards=[{','.join(s3['local'])}]", f"output.dir={out}", f"decoder={decoder}").returncode == 0
+            found[decoder] = rows(out)
+        return found[decoder]
+
+    return of
+
+
+@pytest.mark.parametrize("decoder, spec", [("dali", "s3://data/in/part-{000000..000002}.tar"),
+                                           ("torch", "s3://data/in/part-*.tar"),
+                                           ("auto", "s3://data/in/part-*.tar")])
+def test_both_decoders_read_s3_shards(s3, local_rows, tmp_path, decoder, spec):
+    out = tmp_path / "out"
+    r = score(f"data.shards={spec}", f"output.dir={out}", f"decoder={decoder}", f"data.index_cache_dir={tmp_path / 'idx'}",
+              env=s3["env"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rows(out) == local_rows("torch" if decoder == "torch" else "dali")
+    assert len(list((tmp_path / "idx").glob("part-000000-*.idx"))) == 1  # the index sits in the local cache
+
+
+def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
+    fs, url = s3["fs"], "s3://data/out-verify"
+    args = [f"data.shards=s3://data/in/part-*.tar", f"output.dir={url}", f"data.index_cache_dir={tmp_path / 'idx'}"]
+    r = run_cli("jobs.score", *TINY, *args, env=s3["env"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    fs.invalidate_cache()
+    names = sorted(p.split("/", 2)[2] for p in fs.find("data/out-verify"))
+    assert [n for n in names if n.endswith(".parquet")] == ["part-000000.parquet", "part-000001.parquet",
+                                                             "part-000002.parquet"]
+    assert "_SUCCESS" in names and "_manifest.json" in names and "_metrics/rank-00000.json" in names
+    assert not [n for n in names if n.startswith("_logs") or ".tmp-" in n]  # Hydra's logs stay local
+    table = pq.read_table("data/out-verify", filesystem=fs)  # one dataset: the _ names are skipped
+    assert sorted((r["shard"], r["key"], r["status"], tuple(r["topk_index"] or ())) for r in table.to_pylist()) \
+        == local_rows("dali")
+    verify = run_cli("jobs.verify", *args, env=s3["env"])
+    assert verify.returncode == 0 and "complete" in verify.stdout, verify.stdout + verify.stderr
+    assert os.path.isdir(os.path.join(ROOT, "outputs", "logs", "data", "out-verify"))  # ./outputs/logs/<bucket>/<prefix>
+
+
+SLOW = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1"]
+
+
+def test_resume_after_sigkill_with_remote_output(s3, tmp_path):
+    fs, url = s3["fs"], "s3://data/out-kill"
+    six = write_shards(small_jpegs(24, seed=62), str(tmp_path / "six"), 4, "six")
+    pattern = os.path.join(os.path.dirname(six[0]), "six-*.tar")
+    cmd = [sys.executable, "-m", "jobs.score", *SLOW, f"data.shards={pattern}", f"output.dir={url}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **s3["env"]}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        fs.invalidate_cache()
+        if fs.exists("data/out-kill") and any(p.endswith(".parquet") for p in fs.ls("data/out-kill")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    fs.invalidate_cache()
+    assert len([p for p in fs.ls("data/out-kill") if p.endswith(".parquet")]) < 6, "finished before the kill"
+    rerun = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **s3["env"]}, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    fs.invalidate_cache()
+    table = pq.read_table("data/out-kill", filesystem=fs)
+    keys = [(r["shard"], r["key"]) for r in table.to_pylist()]
+    assert len(keys) == len(set(keys)) == 24  # exactly one row per key
+    verify = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={url}", env=s3["env"])
+    assert verify.returncode == 0, verify.stdout
+
+
+def test_a_changed_object_is_indexed_again(s3, tmp_path):
+    fs = s3["fs"]
+    fs.put(s3["local"][0], "data/change/part-000000.tar")
+    args = ["data.shards=s3://data/change/part-000000.tar", f"output.dir={tmp_path / 'out'}",
+            f"data.index_cache_dir={tmp_path / 'idx'}"]
+    assert score(*args, env=s3["env"]).returncode == 0
+    assert pq.read_metadata(tmp_path / "out" / "part-000000.parquet").num_rows == 7
+    other = write_shards(small_jpegs(5, seed=63), str(tmp_path / "other"), 5, "part")[0]
+    fs.put(other, "data/change/part-000000.tar")  # same name, new content
+    r = score(*args, env=s3["env"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "idx").glob("part-000000-*.idx"))) == 2
+    assert pq.read_metadata(tmp_path / "out" / "part-000000.parquet").num_rows == 5  # redone by the one rule
+
+
+def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path):
+    folder = os.path.dirname(s3["local"][0])
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        names = [os.path.basename(p) for p in s3["local"]]
+        specs = {"pipe": [f"pipe:cat {os.path.join(folder, n)}" for n in names],
+                 "http": [f"http://127.0.0.1:{server.server_port}/{n}" for n in names]}
+        for kind, spec in specs.items():
+            listing = tmp_path / f"{kind}.txt"
+            listing.write_text("\n".join(spec) + "\n")
+            out = tmp_path / kind
+            r = score(f"data.shards={listing}", f"output.dir={out}", f"data.index_cache_dir={tmp_path / 'idx'}")
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert "decoder=torch" in r.stderr + r.stdout
+            assert rows(out) == local_rows("torch")
+    finally:
+        server.shutdown()
