@@ -7,9 +7,12 @@ DEMO := demo
 
 .PHONY: install demo test test-fast test-slurm slurm-up slurm-down bench clean
 
-$(STAMP): pyproject.toml
+# EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
+EXTRAS ?= cuda13,s3,models,bench,dev
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,models]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,8 @@ import posixpath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
 TMP_MARK = ".tmp-"
 
 
@@ -31,7 +33,11 @@ def filesystem(url: str):
     """(fsspec filesystem, path within it) for a URL."""
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # the scheme's package is missing, e.g. s3fs for s3://
+        raise UserError(f"{url.split('://')[0]}:// needs a package that is not installed ({e}); for s3:// "
+                        "pip install 'shardscore[s3]'") from None
 
 
 def open_input(path: str):

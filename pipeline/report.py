@@ -233,6 +233,7 @@ def write_report(settings: ReportSettings) -> dict:
     chromium = find_chromium() if settings.screenshot else None
     if settings.screenshot and not chromium:
         raise UserError(f"report.screenshot needs Chromium: none of {', '.join(CHROMIUMS)} is on PATH")
+    pyplot()  # matplotlib is an optional extra: say so before any work
     files = shard_files(out)
     if not files:
         raise UserError(f"output.dir {out} holds no shard Parquet files (<shard>.parquet) yet")

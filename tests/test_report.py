@@ -21,6 +21,8 @@ import pytest
 from conftest import run_cli
 from pipeline.report import Histogram, ReportSettings, find_chromium, write_report
 
+pytest.importorskip("matplotlib", reason="the report's charts need matplotlib (the bench extra)")
+
 ERRORS = ("decode_error", "empty_image", "too_large", "missing_image", "duplicate_key", "unsupported_format")
 CLASSES = 1000
 CATEGORIES = pa.array([" ".join([f"class-{i:03d}"] + ["long name"] * (i % 4)) for i in range(CLASSES)])
@@ -230,7 +232,7 @@ def test_scalar_score_without_topk(tmp_path, capsys):
 def test_class_index_when_no_labels(tmp_path, capsys):
     write_run(tmp_path, with_labels=False)
     want = expected_counts(tmp_path)["classes"]
-    result, out = report(tmp_path, capsys, top_classes=7)
+    result, _ = report(tmp_path, capsys, top_classes=7)
     assert result["class_column"] == "topk_index"
     assert [tuple(c) for c in result["top_classes"]] == sorted(want.items(), key=lambda x: (-x[1], x[0]))[:7]
 

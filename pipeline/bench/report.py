@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.errors import UserError
+
 
 def write_json(data: dict, path: str) -> None:
     with open(path, "w") as f:
@@ -13,7 +15,10 @@ def write_json(data: dict, path: str) -> None:
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg back-end (no display on a compute node)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'shardscore[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
