@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo
 
-.PHONY: install demo test test-fast test-slurm slurm-up slurm-down bench clean
+.PHONY: install demo test test-fast test-slurm slurm-up slurm-down bench clean chromium
 
 # EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
 EXTRAS ?= cuda13,s3,models,bench,dev
@@ -24,9 +24,15 @@ demo: install
 	@echo "Parquet: $(DEMO)/scores/*.parquet   metrics: $(DEMO)/scores/_metrics/rank-00000.json"
 
 # The whole suite, Slurm integration tests included: tests/test_slurm.py starts its own one-node
-# cluster (slurm/cluster.sh, as root; own state folder and ports) and stops it at the end.
-test: install
+# cluster (slurm/cluster.sh, as root; own state folder and ports) and stops it at the end. The report's
+# screenshot test needs Debian's chromium, installed here when missing (as root).
+test: install chromium
 	$(PY) -m pytest -ra
+
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the screenshot test will be skipped"
 
 test-fast: install
 	$(PY) -m pytest -ra -m "not slurm"

@@ -235,20 +235,46 @@ def verify(paths: list[str], layout: OutputLayout, cache_dir: str | None = None)
     return content["complete"], "\n".join(lines), content
 
 
-def rank_summary(ranks: list[dict]) -> list[str]:
-    """The ranks' last runs: how many of the world reported, which are silent, which stopped or failed."""
+def format_eta(remaining: int, rate: float) -> str:
+    """H:MM:SS until `remaining` images are done at `rate` images/s."""
+    if remaining <= 0:
+        return "0:00:00"
+    if rate <= 0:
+        return "unknown"
+    seconds = int(remaining / rate)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+
+def rank_summary(ranks: list[dict], now: float | None = None) -> list[str]:
+    """The ranks of the latest run: running, finished, silent (no metrics, or none refreshed for three
+    intervals); images done of the total, the aggregate rate and the ETA while any runs."""
     if not ranks:
-        return ["ranks    none reported yet (a rank writes its metrics when its run ends)"]
-    world = max(ranks, key=lambda m: m.get("finished_at", 0)).get("world_size", 1)
-    current = [m for m in ranks if m.get("world_size") == world]
-    images = sum(m.get("images", 0) for m in current)
-    rate = sum(m.get("sustained_images_per_sec", 0) for m in current)
-    lines = [f"ranks    {len(current)} of {world} reported: {images} images scored in their last runs, "
-             f"{rate:.1f} images/s summed over ranks"]
-    silent = sorted(set(range(world)) - {m.get("rank") for m in current})
+        return ["ranks    none reported yet (a rank writes its metrics within log_every_s of starting)"]
+    now = time.time() if now is None else now
+    latest = max(ranks, key=lambda m: m.get("updated_at") or m.get("finished_at") or 0)
+    world = latest.get("world_size", 1)
+    current = {m.get("rank"): m for m in ranks if m.get("world_size") == world}
+    running = [m for m in current.values() if m.get("running")
+               and now - m.get("updated_at", 0) <= 3 * m.get("log_every_s", 60) + 30]
+    stale = [m for m in current.values() if m.get("running") and m not in running]
+    finished = [m for m in current.values() if not m.get("running")]
+    silent = sorted((set(range(world)) - set(current)) | {m["rank"] for m in stale})
+    done = sum(m.get("images", 0) for m in current.values())
+    total = sum(m.get("total_images", m.get("images", 0)) for m in current.values())
+    lines = [f"ranks    {len(running)} running, {len(finished)} finished, {len(silent)} silent of {world}; "
+             f"{done} of {total} images of their current runs done"]
+    if running:
+        rate = sum(m.get("interval_images_per_sec", m.get("sustained_images_per_sec", 0)) for m in running)
+        left = sum(m.get("total_images", 0) - m.get("images", 0) for m in running)
+        eta = format_eta(left, rate) if rate > 0 else "unknown"
+        lines.append(f"  running           {rate:.1f} images/s summed over running ranks, ETA {eta}")
+    elif finished:
+        rate = sum(m.get("sustained_images_per_sec", 0) for m in finished)
+        lines.append(f"  finished          {rate:.1f} images/s summed over ranks (sustained, their last runs)")
     if silent:
-        lines.append(f"  not reported      rank {', '.join(map(str, silent[:20]))}" + (" …" if len(silent) > 20 else ""))
-    for m in sorted(current, key=lambda m: m.get("rank", 0)):
+        lines.append(f"  silent            rank {', '.join(map(str, silent[:20]))}" + (" …" if len(silent) > 20 else ""))
+    for m in sorted(finished, key=lambda m: m.get("rank", 0)):
         if m.get("exit_code"):
             why = f"stopped by {m['stopped_by']}" if m.get("stopped_by") else "failed"
             lines.append(f"  exit code {m['exit_code']:<7} rank {m['rank']}: {why}, "

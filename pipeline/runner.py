@@ -21,9 +21,9 @@ import torch
 from pipeline import __version__, cluster
 from pipeline import device as dev
 from pipeline.autobatch import choose_batch_size
-from pipeline.batch import ShardFailure
+from pipeline.batch import OK, ShardFailure
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
-from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow
+from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
 from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, write_metrics
@@ -33,7 +33,7 @@ from pipeline.outputs import OutputOptions, check_names, compute_all, make_outpu
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
 from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, shard_name
-from pipeline.writer import ShardWriter, run_identity
+from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
         "preprocess": dataclasses.asdict(preprocess), "batch_size": batch_size, "version": __version__,
         "config": resolved_config or {},
     }
-    rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels)
+    rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels,
+                        tuple(c.lower() for c in out.keep_components))
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
                 loaded, batch_size, auto_table, outputs, metadata, rules, preprocess, started, build)
 
@@ -153,7 +154,9 @@ class Runner:
         m = p.settings.model
         readable = [s for s in p.shards if s.error is None]
         self.layout = OutputLayout(p.settings.output.dir)
-        self.writer = ShardWriter(self.layout, {s.name: s.count for s in readable}, p.metadata, p.outputs)
+        self.writer = ShardWriter(self.layout, {s.name: s.count for s in readable}, p.metadata, p.outputs,
+                                  p.rules.keep)
+        _refuse_foreign_parquet(self.layout, readable, p.shard_names)
         for s in p.shards:
             if s.error:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
@@ -162,6 +165,7 @@ class Runner:
         context = f"model={p.metadata['model']} precision={p.precision} image_size={p.preprocess.crop_size}"
         self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
         self.decoder_name = p.settings.decoder
+        self._decoder, self._skipped = None, 0
 
     def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.p.shards if s.error is None]
@@ -169,7 +173,9 @@ class Runner:
         if todo:
             self.decoder_name = choose_decoder(self.settings.decoder, todo)
             remove_success(self.layout)
-        meter = Meter(sum(s.count for s in todo), self.p.device, self.settings.progress)
+        self._skipped = len(readable) - len(todo)
+        meter = Meter(sum(s.count for s in todo), self.p.device, self.settings.progress,
+                      log_every_s=self.settings.log_every_s, on_refresh=self._running_metrics)
         stopped_by, decoder, fatal = None, None, None
         try:
             if todo and not signals.received:
@@ -179,7 +185,7 @@ class Runner:
             fatal = e
         finally:
             meter.close()
-        exit_code = self._report(meter, stopped_by, decoder, fatal, skipped=len(readable) - len(todo))
+        exit_code = self._report(meter, stopped_by, decoder, fatal)
         if fatal is not None:
             raise fatal
         return exit_code
@@ -189,6 +195,7 @@ class Runner:
         p = self.p
         decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
                                self.settings.loader, self.settings.oom.inject_decode_above)
+        self._decoder = decoder
         items = iter(decoder)
         pending = None  # (rows, host copy of their outputs) of the batch before the one on the device
         try:
@@ -207,19 +214,41 @@ class Runner:
                 if pending is not None:
                     self._write(pending, meter)
                 pending = (item.rows, host)
-                meter.batch_done(item.n_valid, micro=self.scorer.micro_batch)
+                meter.batch_done(item.n_valid, errors=item.n_valid - item.rows.status.count(OK),
+                                 oom_events=self.scorer.policy.events + getattr(decoder, "oom_events", 0),
+                                 micro=self.scorer.micro_batch)
         finally:
             decoder.stop()
             if pending is not None:
                 self._write(pending, meter)
         return decoder
 
+    def _metrics(self, summary: dict, decoder) -> dict:
+        """What `_metrics/rank-NNNNN.json` says, while running and at the end."""
+        p, s, writer = self.p, self.scorer, self.writer
+        return {
+            **summary, "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch_size,
+            "micro_batch": s.micro_batch, "min_micro_batch": s.policy.min_size, "oom_events": s.policy.events,
+            "precision": p.precision, "device": str(p.device), "decoder": self.decoder_name,
+            "model": p.metadata["model"], "shards_assigned": len(p.shards), "shards_skipped_complete": self._skipped,
+            "shards_written": len(writer.committed) - self._skipped,
+            "shards_failed": dict(sorted(writer.failed.items())), "rows_written": writer.rows_written,
+            "status_counts": dict(writer.status_counts),
+            "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
+            "decode_oom_events": getattr(decoder, "oom_events", 0), "auto_batch_table": p.auto_table,
+            "log_every_s": self.settings.log_every_s,
+        }
+
+    def _running_metrics(self, summary: dict) -> None:
+        metrics = {**self._metrics(summary, self._decoder), "running": True, "updated_at": time.time()}
+        write_metrics(self.layout, self.p.rank, metrics)
+
     def _write(self, pending, meter: Meter) -> None:
         rows, host = pending
         with meter.timing("write"):
             self.writer.add(rows, host.wait())
 
-    def _report(self, meter: Meter, stopped_by, decoder, fatal, skipped: int) -> int:
+    def _report(self, meter: Meter, stopped_by, decoder, fatal) -> int:
         """Print the summary, write the metrics and this rank's completion record; returns the exit code."""
         writer, p = self.writer, self.p
         writer.sync()  # every file handed to the writer thread is on disk (or its shard failed) from here
@@ -242,18 +271,9 @@ class Runner:
         out_dir = self.settings.output.dir
         print(f"output: {out_dir} ({len(writer.committed)} of {len(p.shards)} shard(s) of this rank complete)",
               flush=True)
-        s = self.scorer
         metrics = {
-            **summary, "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch_size,
-            "micro_batch": s.micro_batch, "min_micro_batch": s.policy.min_size, "oom_events": s.policy.events,
-            "precision": p.precision, "device": str(p.device), "decoder": self.decoder_name,
-            "model": p.metadata["model"], "shards_assigned": len(p.shards), "shards_skipped_complete": skipped,
-            "shards_written": len(writer.committed) - skipped, "shards_failed": dict(sorted(writer.failed.items())),
-            "shards_remaining": remaining, "rows_written": writer.rows_written,
-            "status_counts": dict(writer.status_counts),
-            "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
-            "decode_oom_events": getattr(decoder, "oom_events", 0),
-            "auto_batch_table": p.auto_table, "stopped_by": stopped_by, "exit_code": exit_code,
+            **self._metrics(summary, decoder), "running": False, "shards_remaining": remaining,
+            "stopped_by": stopped_by, "exit_code": exit_code,
             # from planning (shard indexing included) to every file on disk
             "job_seconds": round(time.perf_counter() - p.started, 3), "finished_at": time.time(),
         }
@@ -273,6 +293,20 @@ class Runner:
         }
         finish_rank(self.layout, record, p.metadata)
         return exit_code
+
+
+def _refuse_foreign_parquet(layout: OutputLayout, shards: list[Shard], run_shards: list[str]) -> None:
+    """Never overwrite what is not ours: a Parquet file in the output folder without shardscore's metadata
+    (an img2dataset folder holds `00000.parquet`, say) stops the run before any work. This rank checks the
+    files of its own shards and those no shard of the run would write; each rank checks its own."""
+    own = {f"{s.name}.parquet" for s in shards}
+    of_run = {f"{name}.parquet" for name in run_shards}
+    for name in layout.listdir():
+        if name.endswith(".parquet") and (name in own or name not in of_run):
+            meta, why = layout.read_footer(name)
+            if meta is None or META_KEY not in (meta.metadata or {}):
+                raise UserError(f"output.dir holds {layout.path(name)}, a Parquet file shardscore did not write "
+                                f"({why or 'no shardscore metadata'}); move it away or choose another output.dir")
 
 
 def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool) -> list[Shard]:

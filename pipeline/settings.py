@@ -81,11 +81,17 @@ class OutputSettings:
     dir: str = ""
     overwrite: bool = False
     normalize_embedding: bool = False  # L2-normalise the embedding column
+    keep_components: tuple[str, ...] = ()  # sample components copied into string columns, e.g. [txt, json]
     activation: str = "none"  # scores: none | sigmoid | softmax
 
     def __post_init__(self):
         _check(bool(self.dir), "output.dir is required")
         _check(self.activation in ACTIVATIONS, f"output.activation must be one of {'|'.join(ACTIVATIONS)}")
+        taken = {"key", "shard", "label", "status", "error", "topk_index", "topk_prob", "topk_label", "embedding",
+                 "scores", "score"}
+        clash = [c for c in self.keep_components if c.lower() in taken or not c.isidentifier()]
+        _check(not clash, f"output.keep_components cannot name {clash[0]!r}: pick component extensions like txt, json"
+               if clash else "")
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,8 @@ class ScoreSettings:
     device: str = "auto"
     decoder: str = "auto"
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, else a log line every log_every_s
+    log_every_s: float = 60.0  # progress lines and the running metrics file
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     oom: OomSettings = field(default_factory=OomSettings)
     auto: AutoBatchSettings = field(default_factory=AutoBatchSettings)
@@ -173,6 +180,7 @@ class ScoreSettings:
                f"batch_size must be a positive integer or auto, got {self.batch_size!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
+        _check(self.log_every_s > 0, "log_every_s must be > 0")
         _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
 
 

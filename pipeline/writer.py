@@ -65,11 +65,12 @@ class ShardWriter:
     """Knows each shard's expected sample count; commits `<dir>/<shard>.parquet` when it is reached.
 
     `metadata` (model, weights, precision, outputs, batch size, version, config) goes into every file's
-    schema with the file's row and status counts; `outputs` are the output kinds whose columns follow
-    key/shard/label/status/error.
+    schema with the file's row and status counts; the kept components (string columns) and then the
+    output kinds' columns follow key/shard/label/status/error.
     """
 
-    def __init__(self, layout: OutputLayout, expected: dict[str, int], metadata: dict, outputs: list):
+    def __init__(self, layout: OutputLayout, expected: dict[str, int], metadata: dict, outputs: list,
+                 kept: tuple[str, ...] = ()):
         self.layout = layout
         self.metadata = metadata
         self.identity = run_identity(metadata)
@@ -80,8 +81,10 @@ class ShardWriter:
             pa.field("label", pa.int64()),
             pa.field("status", pa.string(), nullable=False),
             pa.field("error", pa.string()),
+            *(pa.field(name, pa.string()) for name in kept),
             *(f for kind in outputs for f in kind.fields()),
         ])
+        self.kept = kept
         # Statistics (min/max, for readers that skip files by key) on the row columns only; floating output
         # columns are stored byte-stream-split, which compresses them and costs less than a dictionary.
         self._parquet_options = {
@@ -188,6 +191,7 @@ class ShardWriter:
             "label": pa.array(rows.labels, pa.int64()),
             "status": pa.array(rows.status, pa.string()),
             "error": pa.array(rows.errors, pa.string()),
+            **{name: pa.array(rows.components[name], pa.string()) for name in self.kept},
         }
         for kind in self.outputs:
             columns.update(kind.arrays(merged, valid))

@@ -152,7 +152,7 @@ def test_array_job_splits_shards_over_tasks(cluster, tmp_path):
     assert sorted(p.name for p in (out / "_metrics").iterdir()) == ["done-00000.json", "done-00001.json",
                                                                "rank-00000.json", "rank-00001.json"]
     assert (out / "_SUCCESS").exists()
-    assert re.search(r"ranks +2 (of 2 )?reported: 23 images", verify(paths, out).stdout)
+    assert re.search(r"ranks +0 running, 2 finished, 0 silent of 2; 23 of 23 images", verify(paths, out).stdout)
 
 
 def test_array_step_still_gives_consecutive_ranks(cluster, tmp_path):

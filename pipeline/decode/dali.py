@@ -23,7 +23,7 @@ import torch
 from pipeline import device as dev
 from pipeline.batch import OK, Batch, Rows, ShardFailure
 from pipeline.decode.assemble import BackgroundBatches, Normalizer, Preprocess
-from pipeline.decode.samples import SampleRules, one_line, parse_label, sample_status
+from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.scorer import MicroBatchPolicy, is_oom
 from pipeline.shards import Shard, read_index
@@ -189,13 +189,16 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
     exts = sorted({e for s in todo for e in s.extensions})
     image_exts = {e for e in exts if rules.is_image(e)}
     label_exts = {e for e in exts if rules.is_label(e)}
+    kept = {name: {e for e in exts if e.lower() == name} for name in rules.keep}
+    kept = {name: found for name, found in kept.items() if found}  # no shard has it: the column stays null
+    groups = [sorted(image_exts), sorted(label_exts), *(sorted(found) for found in kept.values())]
     try:
-        reader = _build_reader(todo, sorted(image_exts), sorted(label_exts), batch_size, threads) if image_exts else None
+        reader = _build_reader(todo, groups, batch_size, threads) if image_exts else None
     except RuntimeError as e:
         raise _failure(e, shards, first) from None
     total = sum(s.count for s in todo)
     shard_index, position, skip = progress.shard - 1, 0, progress.position
-    index, has_image, has_label, seen = None, [], [], set()
+    index, has_image, has_label, has_kept, seen = None, [], [], {}, set()
     for done in range(0, total, batch_size):
         if stopped():
             return
@@ -205,7 +208,9 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
         except RuntimeError as e:
             raise _failure(e, shards, first) from None
         images = _Buffer(outputs[0]) if reader is not None else None
-        labels = _Buffer(outputs[1]) if len(outputs) > 1 else None
+        labels = _Buffer(outputs[1]) if reader is not None and label_exts else None
+        first_text = 2 if label_exts else 1
+        texts = {name: _Buffer(outputs[first_text + i]) for i, name in enumerate(kept)} if reader is not None else {}
         rows, ok = Rows(), []
         for j in range(n):
             while index is None or position == len(index.keys):
@@ -214,8 +219,10 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
                 index, position, seen = read_index(shard.index_path), 0, set()
                 has_image = [not image_exts.isdisjoint(e) for e in index.extensions]
                 has_label = [not label_exts.isdisjoint(e) for e in index.extensions]
+                has_kept = {name: [not found.isdisjoint(e) for e in index.extensions] for name, found in kept.items()}
             key = index.keys[position]
             image, label = has_image[position], has_label[position]
+            present = {name: flags[position] for name, flags in has_kept.items()}
             position += 1
             if skip:  # sent before the reader that was reading this shard failed
                 skip -= 1
@@ -227,6 +234,8 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
             rows.labels.append(parse_label(labels.bytes(j)) if label else None)
             rows.status.append(status)
             rows.errors.append(error)
+            for name in rules.keep:
+                add_kept(rows, name, texts[name].view(j) if present.get(name) and name in texts else None)
             if status == OK:
                 ok.append(j)
         progress.shard, progress.position = shard_index, position
@@ -259,10 +268,12 @@ class _Buffer:
         return self.memory[self.starts[j] : self.ends[j]].tobytes()
 
 
-def _build_reader(shards: list[Shard], image_exts: list[str], label_exts: list[str], batch_size: int, threads: int):
+def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int, threads: int):
+    """A reader with one output per group of extensions (image, label, kept components; an empty group,
+    a label no shard has, gives no output)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    ext = [";".join(image_exts)] + ([";".join(label_exts)] if label_exts else [])
+    ext = [";".join(group) for group in groups if group]
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=None, prefetch_queue_depth=2)
     def reader():

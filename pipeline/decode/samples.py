@@ -27,6 +27,7 @@ class SampleRules:
     image_extensions: tuple[str, ...]
     label_extension: str | None
     max_pixels: int
+    keep: tuple[str, ...] = ()  # components copied into string columns of the same name (output.keep_components)
 
     def is_image(self, ext: str) -> bool:
         return ext.lower() in self.image_extensions
@@ -40,6 +41,25 @@ class SampleRules:
 
     def label_of(self, extensions) -> str | None:
         return next((ext for ext in extensions if self.is_label(ext)), None)
+
+    def kept_of(self, name: str, extensions) -> str | None:
+        """The sample's component kept as column `name` (its extension, in any case)."""
+        return next((ext for ext in extensions if ext.lower() == name), None)
+
+
+def add_kept(rows, name: str, data) -> None:
+    """Append the last row's kept component as text: None when the sample has none; when it is not valid
+    UTF-8, the invalid bytes replaced and a note in the row's error (the row is kept, and scored)."""
+    value = None
+    if data is not None:
+        raw = bytes(data)
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            value = raw.decode("utf-8", errors="replace")
+            note = f"{name} is not valid UTF-8 (byte {e.start}); invalid bytes replaced by U+FFFD"
+            rows.errors[-1] = note if rows.errors[-1] is None else f"{rows.errors[-1]}; {note}"
+    rows.components.setdefault(name, []).append(value)
 
 
 def sample_status(key: str, image, rules: SampleRules, seen_keys: set[str]) -> tuple[str, str | None]:

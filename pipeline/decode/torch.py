@@ -23,7 +23,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from pipeline.batch import OK, Batch, Rows, ShardFailure
 from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess
-from pipeline.decode.samples import SampleRules, one_line, parse_label, sample_status
+from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
 from pipeline.layout import open_input
 from pipeline.shards import Shard, read_index
 
@@ -121,6 +121,9 @@ class ShardSamples(IterableDataset):
         rows.labels.append(parse_label(components[label_ext]) if label_ext is not None else None)
         rows.status.append(status)
         rows.errors.append(error)
+        for name in rules.keep:
+            ext = rules.kept_of(name, components)
+            add_kept(rows, name, components[ext] if ext is not None else None)
         return crop
 
     def _transform(self, data) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Reading the results: the output folder is one dataset for pyarrow, pandas, polars and DuckDB; a folder
+holding someone else's Parquet is never overwritten; sample components kept as columns; progress that
+reads well in a batch log, and running metrics that `jobs.verify` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import layouts
+from conftest import ROOT, TINY, run_cli, small_jpegs
+from pipeline.pack import write_shards
+
+
+@pytest.fixture(scope="module")
+def scored(shards, tmp_path_factory):
+    """A finished run over the three test shards (23 rows), logs and metrics included."""
+    out = tmp_path_factory.mktemp("scored") / "out"
+    r = run_cli("jobs.score", *TINY, f"data.shards=[{','.join(shards)}]", f"output.dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = sorted((row["shard"], row["key"]) for p in sorted(out.glob("*.parquet"))
+                      for row in pq.read_table(p).to_pylist())
+    assert len(expected) == 23 and (out / "_logs").is_dir() and (out / "_metrics").is_dir()
+    return out, expected
+
+
+def test_the_output_folder_reads_as_one_dataset(scored):
+    out, expected = scored
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert sorted(zip(*[pq.read_table(out).column(c).to_pylist() for c in ("shard", "key")])) == expected
+    frame = pd.read_parquet(out)
+    assert sorted(zip(frame["shard"], frame["key"])) == expected
+    lazy = pl.scan_parquet(f"{out}/*.parquet").select("shard", "key").collect()
+    assert sorted(lazy.iter_rows()) == expected
+    glob_rows = duckdb.sql(f"SELECT shard, key FROM '{out}/*.parquet'").fetchall()
+    folder_rows = duckdb.sql(f"SELECT shard, key FROM read_parquet('{out}/**/*.parquet')").fetchall()
+    assert sorted(glob_rows) == expected == sorted(folder_rows)  # the _ folders hold no Parquet
+
+
+def test_scores_join_img2dataset_metadata_by_key(tmp_path):
+    """The README's DuckDB example: scores joined with img2dataset's own Parquet of captions and URLs."""
+    import duckdb
+
+    (tmp_path / "in").mkdir()
+    shard = layouts.img2dataset(str(tmp_path / "in"))
+    out = tmp_path / "scores"
+    assert run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}").returncode == 0
+    meta = pa.table({"key": [f"{i:09d}" for i in range(10)], "url": [f"https://example.com/{i}.jpg" for i in range(10)],
+                     "caption": [f"a synthetic photo number {i}" for i in range(10)]})
+    pq.write_table(meta, tmp_path / "in" / "00000.parquet")
+    joined = duckdb.sql(f"""
+        SELECT s.key, m.url, s.topk_index[1] AS top1
+        FROM '{out}/*.parquet' s JOIN '{tmp_path / "in"}/00000.parquet' m USING (key)
+        WHERE s.status = 'ok' ORDER BY s.key""").fetchall()
+    assert [row[0] for row in joined] == [f"{i:09d}" for i in range(10)] and joined[3][1].endswith("/3.jpg")
+
+
+@pytest.mark.parametrize("overwrite", ["false", "true"])
+def test_a_foreign_parquet_file_is_never_overwritten(tmp_path, overwrite):
+    """An img2dataset output folder holds 00000.parquet, the name our 00000.tar would write."""
+    (tmp_path / "in").mkdir()
+    shard = layouts.img2dataset(str(tmp_path / "in"))
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"key": ["x"], "caption": ["not ours"]}), out / "00000.parquet")
+    before = (out / "00000.parquet").read_bytes()
+    r = run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}", f"output.overwrite={overwrite}")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(out / "00000.parquet") in lines[0] and "did not write" in lines[0]
+    assert (out / "00000.parquet").read_bytes() == before
+    assert not (out / "_metrics").exists()  # stopped before any work
+
+
+def test_a_foreign_parquet_file_under_another_name_also_stops_the_run(shards, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "stats.parquet")
+    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={out}")
+    assert r.returncode == 2 and "stats.parquet" in r.stderr and not (out / "part-000000.parquet").exists()
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_kept_components_become_string_columns(tmp_path, decoder):
+    rng_images = layouts.photos(3, seed=70)
+    caption = "une photo, café ☕".encode()
+    samples = [
+        ("a", {"jpg": layouts.encode(rng_images[0], "JPEG"), "txt": caption, "json": b'{"url": "https://x/a"}'}),
+        ("b", {"jpg": layouts.encode(rng_images[1], "JPEG"), "txt": b"bad \xff\xfe bytes", "json": b"{}"}),
+        ("c", {"jpg": layouts.encode(rng_images[2], "JPEG"), "json": b'{"no": "caption"}'}),
+    ]
+    shard = layouts.write_tar(str(tmp_path / "kept.tar"), samples)
+    out = tmp_path / "out"
+    r = run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}", f"decoder={decoder}",
+                "output.keep_components=[txt,json]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = pq.read_table(out / "kept.parquet")
+    assert table.schema.field("txt").type == pa.string() and table.schema.field("json").type == pa.string()
+    rows = table.to_pylist()
+    assert [r["txt"] for r in rows] == [caption.decode(), "bad \ufffd\ufffd bytes", None]
+    assert [r["json"] for r in rows] == ['{"url": "https://x/a"}', "{}", '{"no": "caption"}']
+    assert [r["status"] for r in rows] == ["ok"] * 3 and rows[1]["topk_index"] is not None  # kept and scored
+    assert rows[0]["error"] is None and "txt is not valid UTF-8 (byte 4)" in rows[1]["error"]
+
+
+def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
+    """stderr to a file (as under Slurm): periodic lines with images/s and ETA, no carriage returns, and
+    the rank's metrics file refreshed while the job runs; jobs.verify then says the rank is running."""
+    paths = write_shards(small_jpegs(200, seed=71), str(tmp_path / "in"), 50, "slow")
+    pattern = os.path.join(os.path.dirname(paths[0]), "slow-*.tar")
+    out = tmp_path / "out"
+    slow = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1",
+            "progress=true", "log_every_s=1"]
+    with open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *slow, f"data.shards={pattern}",
+                                 f"output.dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        running, verify_output = None, ""
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and running is None:
+            try:
+                metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
+            except (OSError, ValueError):
+                metrics = {}
+            if metrics.get("running") and metrics.get("images", 0) > 0:
+                running = metrics
+                verify_output = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}").stdout
+            time.sleep(0.2)
+        assert proc.wait(timeout=600) == 0
+    assert running is not None, "the metrics were not refreshed while the job ran"
+    assert running["total_images"] == 200 and running["progress"] and running["eta_seconds"] is not None
+    assert "1 running, 0 finished, 0 silent of 1" in verify_output and "ETA" in verify_output
+    log = (tmp_path / "err.log").read_text()
+    lines = [ln for ln in log.splitlines() if "[progress]" in ln]
+    assert len(lines) >= 2 and "\r" not in log
+    assert all("rate=" in ln and "/s" in ln and "eta=" in ln and "images=" in ln for ln in lines)
+    final = json.loads((out / "_metrics" / "rank-00000.json").read_text())
+    assert final["running"] is False and final["images"] == 200
+
+
+def test_no_progress_means_no_lines(shards, tmp_path):
+    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path}", "progress=false",
+                "log_every_s=0.01", "batch_size=2")
+    assert r.returncode == 0 and "[progress]" not in r.stderr and "\r" not in r.stderr
