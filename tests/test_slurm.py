@@ -29,7 +29,8 @@ if os.geteuid() != 0 and os.environ.get("SHARDSCORE_REQUIRE_SLURM") != "1":
 
 CLUSTER_SH = os.path.join(ROOT, "slurm", "cluster.sh")
 SBATCH = os.path.join(ROOT, "slurm", "score.sbatch")
-FAST = [*TINY, "decoder=torch"]
+# The cluster's GPUs are stand-ins (CUDA_VISIBLE_DEVICES is set, CUDA is not there): device=cpu on purpose.
+FAST = [*TINY, "decoder=torch", "device=cpu"]
 
 
 class Cluster:
