@@ -10,13 +10,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import resource
 import time
 
 import torch
 
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

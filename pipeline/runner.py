@@ -151,7 +151,6 @@ class Runner:
     def __init__(self, p: Plan):
         self.p = p
         self.settings = p.settings
-        m = p.settings.model
         readable = [s for s in p.shards if s.error is None]
         self.layout = OutputLayout(p.settings.output.dir)
         self.writer = ShardWriter(self.layout, {s.name: s.count for s in readable}, p.metadata, p.outputs,

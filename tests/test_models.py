@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import tarfile
 import textwrap
 
@@ -29,7 +28,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from conftest import ROOT, TINY, run_cli, small_jpegs
+from conftest import TINY, run_cli, small_jpegs
 from pipeline.decode import Preprocess
 from pipeline.model import load_model
 from pipeline.pack import write_shards

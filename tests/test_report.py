@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from pipeline.report import Histogram, ReportSettings, find_chromium, write_report
+from pipeline.report import Histogram, ReportSettings, write_report
+from pipeline.report_page import find_chromium
 
 pytest.importorskip("matplotlib", reason="the report's charts need matplotlib (the bench extra)")
 

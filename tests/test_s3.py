@@ -95,7 +95,7 @@ def test_both_decoders_read_s3_shards(s3, local_rows, tmp_path, decoder, spec):
 
 def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
     fs, url = s3["fs"], "s3://data/out-verify"
-    args = [f"data.shards=s3://data/in/part-*.tar", f"output.dir={url}", f"data.index_cache_dir={tmp_path / 'idx'}"]
+    args = ["data.shards=s3://data/in/part-*.tar", f"output.dir={url}", f"data.index_cache_dir={tmp_path / 'idx'}"]
     r = run_cli("jobs.score", *TINY, *args, env=s3["env"])
     assert r.returncode == 0, r.stderr[-3000:]
     fs.invalidate_cache()

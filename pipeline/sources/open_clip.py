@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from pipeline.errors import UserError
 from pipeline.sources import Loaded, SameOutput, load_checkpoint, missing_weights, random_init_warning
 

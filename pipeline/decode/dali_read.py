@@ -1,0 +1,195 @@
+"""DALI's side of reading: one `fn.readers.webdataset` streams every shard of a rank in order,
+`batch_size` samples per run and across shard boundaries, as raw bytes (it never fails on a bad image).
+Each sample's header is checked in place, on a view of the reader's own buffer, and becomes a row.
+
+If the reader fails (a shard deleted or unreadable mid-run), a shard its error names is failed; otherwise
+the shard it was in is read again alone, from where its rows already sent end, so only a shard that
+fails alone is reported failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.batch import OK, Rows, ShardFailure
+from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
+from pipeline.shards import Shard, read_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checked:
+    """One reader batch after the header checks: its rows and the encoded images to decode."""
+
+    rows: Rows
+    encoded: object  # the reader's TensorListCPU when every row is ok, else a list of numpy views
+    positions: list[int] | None  # rows the decoded images belong to; None: all of them
+
+
+def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, threads: int,
+                     stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
+    """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows.
+
+    One reader streams all shards. If it fails (a shard deleted or unreadable mid-run), a shard its
+    error names is failed; otherwise the shard it was in is read again alone, from where its rows
+    already sent end, so only a shard that fails alone is reported failed. Then one reader streams the
+    rest again."""
+    shards = list(shards)
+    start, skip = 0, 0
+    while start < len(shards):
+        progress = _Progress(start, skip)
+        try:
+            yield from _read(shards, progress, rules, batch_size, threads, stopped)
+            return
+        except _ReaderFailed as failure:
+            start, skip = progress.shard, progress.position
+            if failure.shard is not None and failure.shard >= start:  # DALI named the file: fail that one
+                bad = shards.pop(failure.shard)
+                log.error("shard failed shard=%s reason=%s", bad.path, failure.reason)
+                yield ShardFailure(bad.name, failure.reason)
+                skip = 0 if failure.shard == start else skip
+                continue
+            if skip == shards[start].count:  # that shard was sent whole: the failure is in the next one
+                start, skip = start + 1, 0
+        shard = shards[start]
+        alone = _Progress(start, skip)
+        try:
+            yield from _read(shards[: start + 1], alone, rules, batch_size, threads, stopped)
+        except _ReaderFailed as failure:
+            log.error("shard failed shard=%s reason=%s", shard.path, failure.reason)
+            yield ShardFailure(shard.name, failure.reason)
+        start, skip = start + 1, 0
+
+
+@dataclass
+class _Progress:
+    """Where the rows sent so far end: shard (index into the list) and samples of it."""
+
+    shard: int
+    position: int
+
+
+class _ReaderFailed(Exception):
+    def __init__(self, reason: str, shard: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.shard = shard  # the shard (index into the list) the error names, if it names one
+
+
+def _failure(error: Exception, shards: list[Shard], first: int) -> _ReaderFailed:
+    message = str(error)
+    named = [i for i, s in enumerate(shards) if i >= first and s.path in message]
+    return _ReaderFailed(one_line(message.split("Current pipeline object")[0]), named[0] if len(named) == 1 else None)
+
+
+def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_size: int, threads: int,
+          stopped: Callable[[], bool]) -> Iterator[Checked]:
+    """The samples of shards[progress.shard:] after the first progress.position, as checked batches;
+    `progress` follows the rows sent."""
+    first = progress.shard
+    todo = shards[first:]
+    exts = sorted({e for s in todo for e in s.extensions})
+    image_exts = {e for e in exts if rules.is_image(e)}
+    label_exts = {e for e in exts if rules.is_label(e)}
+    kept = {name: {e for e in exts if e.lower() == name} for name in rules.keep}
+    kept = {name: found for name, found in kept.items() if found}  # no shard has it: the column stays null
+    groups = [sorted(image_exts), sorted(label_exts), *(sorted(found) for found in kept.values())]
+    try:
+        reader = _build_reader(todo, groups, batch_size, threads) if image_exts else None
+    except RuntimeError as e:
+        raise _failure(e, shards, first) from None
+    total = sum(s.count for s in todo)
+    shard_index, position, skip = progress.shard - 1, 0, progress.position
+    index, has_image, has_label, has_kept, seen = None, [], [], {}, set()
+    for done in range(0, total, batch_size):
+        if stopped():
+            return
+        n = min(batch_size, total - done)
+        try:
+            outputs = reader.run() if reader is not None else ()
+        except RuntimeError as e:
+            raise _failure(e, shards, first) from None
+        images = _Buffer(outputs[0]) if reader is not None else None
+        labels = _Buffer(outputs[1]) if reader is not None and label_exts else None
+        first_text = 2 if label_exts else 1
+        texts = {name: _Buffer(outputs[first_text + i]) for i, name in enumerate(kept)} if reader is not None else {}
+        rows, ok = Rows(), []
+        for j in range(n):
+            while index is None or position == len(index.keys):
+                shard_index += 1
+                shard = shards[shard_index]
+                index, position, seen = read_index(shard.index_path), 0, set()
+                has_image = [not image_exts.isdisjoint(e) for e in index.extensions]
+                has_label = [not label_exts.isdisjoint(e) for e in index.extensions]
+                has_kept = {name: [not found.isdisjoint(e) for e in index.extensions] for name, found in kept.items()}
+            key = index.keys[position]
+            image, label = has_image[position], has_label[position]
+            present = {name: flags[position] for name, flags in has_kept.items()}
+            position += 1
+            if skip:  # sent before the reader that was reading this shard failed
+                skip -= 1
+                seen.add(key)
+                continue
+            status, error = sample_status(key, images.view(j) if image else None, rules, seen)
+            rows.keys.append(key)
+            rows.shards.append(shard.name)
+            rows.labels.append(parse_label(labels.bytes(j)) if label else None)
+            rows.status.append(status)
+            rows.errors.append(error)
+            for name in rules.keep:
+                add_kept(rows, name, texts[name].view(j) if present.get(name) and name in texts else None)
+            if status == OK:
+                ok.append(j)
+        progress.shard, progress.position = shard_index, position
+        if not rows:
+            continue
+        if len(ok) == len(rows) == len(outputs[0]):
+            yield Checked(rows, outputs[0], None)  # every sample decodes: hand DALI its own batch
+        else:
+            first = n - len(rows)  # rows skipped at the start of this batch
+            yield Checked(rows, [images.array(j) for j in ok] or None, [j - first for j in ok])
+
+
+class _Buffer:
+    """The samples of one reader output (contiguous in memory) as zero-copy views."""
+
+    def __init__(self, tensor_list):
+        sizes = np.fromiter((s[0] for s in tensor_list.shape()), dtype=np.int64, count=len(tensor_list))
+        self.ends = np.cumsum(sizes).tolist()
+        self.starts = [0] + self.ends[:-1]
+        self.data = np.asarray(tensor_list.as_reshaped_tensor([int(sizes.sum())])) if len(sizes) else np.empty(0, np.uint8)
+        self.memory = memoryview(self.data)
+
+    def view(self, j: int) -> memoryview:
+        return self.memory[self.starts[j] : self.ends[j]]
+
+    def array(self, j: int) -> np.ndarray:
+        return self.data[self.starts[j] : self.ends[j]]
+
+    def bytes(self, j: int) -> bytes:
+        return self.memory[self.starts[j] : self.ends[j]].tobytes()
+
+
+def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int, threads: int):
+    """A reader with one output per group of extensions (image, label, kept components; an empty group,
+    a label no shard has, gives no output)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    ext = [";".join(group) for group in groups if group]
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=None, prefetch_queue_depth=2)
+    def reader():
+        outputs = fn.readers.webdataset(
+            paths=[s.path for s in shards], index_paths=[s.index_path for s in shards], ext=ext,
+            missing_component_behavior="empty", dtypes=[types.UINT8] * len(ext), pad_last_batch=True,
+            name="reader")
+        return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+
+    pipe = reader()
+    pipe.build()
+    return pipe
