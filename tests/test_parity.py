@@ -43,10 +43,10 @@ def setup(tmp_path_factory):
     return root, paths[0], model
 
 
-def job_logits(root, shard, decoder):
+def job_logits(root, shard, decoder, interpolation="bilinear"):
     model = ModelSettings(name="resnet18", checkpoint=str(root / "ckpt.pt"), resize_size=PRE.resize_size,
-                          crop_size=PRE.crop_size)
-    out = root / f"out-{decoder}"
+                          crop_size=PRE.crop_size, interpolation=interpolation)
+    out = root / f"out-{decoder}-{interpolation}"
     settings = ScoreSettings(data=DataSettings(shards=shard), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
                              model=model, batch_size=8, precision="fp32", decoder=decoder, progress=False)
     assert score(settings) == 0
@@ -54,7 +54,10 @@ def job_logits(root, shard, decoder):
     return table.column("key").to_pylist(), np.array(table.column("scores").to_pylist(), dtype=np.float32)
 
 
-def reference_logits(shard, model):
+MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
+
+
+def reference_logits(shard, model, interpolation="bilinear"):
     images = {}
     with tarfile.open(shard) as tar:
         for member in tar:
@@ -63,7 +66,7 @@ def reference_logits(shard, model):
     keys, rows = [], []
     for key, image in images.items():
         height, width = PRE.resized_shape(image.height, image.width)
-        image = TF.resize(image, [height, width], antialias=True)
+        image = TF.resize(image, [height, width], interpolation=MODES[interpolation], antialias=True)
         top, left = PRE.crop_origin(height, width)
         x = TF.normalize(TF.to_tensor(TF.crop(image, top, left, PRE.crop_size, PRE.crop_size)), PRE.mean, PRE.std)
         with torch.no_grad():
@@ -80,19 +83,21 @@ def assert_close(a, b):
     assert (a.argmax(1) == b.argmax(1)).all()
 
 
+@pytest.mark.parametrize("interpolation", sorted(MODES))
 @pytest.mark.parametrize("decoder", ["dali", "torch"])
-def test_job_matches_reference(setup, decoder):
+def test_job_matches_reference(setup, decoder, interpolation):
     root, shard, model = setup
-    keys, logits = job_logits(root, shard, decoder)
-    ref_keys, ref = reference_logits(shard, model)
+    keys, logits = job_logits(root, shard, decoder, interpolation)
+    ref_keys, ref = reference_logits(shard, model, interpolation)
     assert keys == ref_keys
     assert_close(logits, ref)
 
 
-def test_decoders_agree(setup):
+@pytest.mark.parametrize("interpolation", sorted(MODES))
+def test_decoders_agree(setup, interpolation):
     root, shard, _ = setup
-    keys_dali, dali = job_logits(root, shard, "dali")
-    keys_torch, torch_ = job_logits(root, shard, "torch")
+    keys_dali, dali = job_logits(root, shard, "dali", interpolation)
+    keys_torch, torch_ = job_logits(root, shard, "torch", interpolation)
     assert keys_dali == keys_torch
     assert_close(dali, torch_)
 

@@ -28,7 +28,7 @@ MAX_PIXELS = 300 * 300  # the fixture's "huge" image is 400×400
 
 def run_library(shard, out, decoder):
     settings = ScoreSettings(
-        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out)), outputs=("topk", "scores"),
+        data=DataSettings(shards=shard, max_pixels=MAX_PIXELS), output=OutputSettings(dir=str(out)), outputs=("topk", "scores", "embedding"),
         model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
         batch_size=8, precision="fp32", decoder=decoder, progress=False)
     code = score(settings)
@@ -44,7 +44,7 @@ def test_every_bad_sample_becomes_an_error_row(tmp_path, decoder):
     assert [(r["key"], r["status"]) for r in rows] == expected
     for r in rows:
         assert (r["error"] is None) == (r["status"] == "ok")
-        assert (r["topk_index"] is None) == (r["status"] != "ok")  # error rows never carry model output
+        assert (r["topk_index"] is None) == (r["scores"] is None) == (r["embedding"] is None) == (r["status"] != "ok")
         assert r["error"] is None or "\n" not in r["error"]
     _, clean = run_library(str(tmp_path / "good.tar"), tmp_path / "out-good", decoder)
     ok = [r for r in rows if r["status"] == "ok"]
