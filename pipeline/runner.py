@@ -23,6 +23,7 @@ from pipeline import device as dev
 from pipeline.autobatch import choose_batch_size
 from pipeline.batch import OK, ShardFailure
 from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
+from pipeline.decode.dali import dali_available
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
 from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
@@ -32,7 +33,7 @@ from pipeline.sources import Builder
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
-from pipeline.shards import Shard, assign_to_rank, expand_shards, open_shard, shard_name
+from pipeline.shards import BackgroundIndexing, Shard, assign_to_rank, expand_shards, open_shard, shard_name
 from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,19 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     dev.configure(device, settings.seed)
     rank, world_size = cluster.rank_and_world(settings.dist)
     all_paths = expand_shards(settings.data.shards)
-    shards = [open_shard(p, settings.data.index_cache_dir) for p in assign_to_rank(all_paths, rank, world_size)]
-    log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
-             dev.describe(device), precision)
+    mine = assign_to_rank(all_paths, rank, world_size)
     m, d, out = settings.model, settings.data, settings.output
     check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
-    loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
+    indexing = BackgroundIndexing(mine, d.index_cache_dir, settings.loader.threads)
+    try:
+        loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
+        if settings.decoder != "torch":
+            dali_available()  # its import, meanwhile
+    finally:
+        indexing.wait()
+    shards = [open_shard(p, d.index_cache_dir) for p in mine]
+    log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
+             dev.describe(device), precision)
     preprocess = loaded.preprocess
     probe = _probe(loaded.module, preprocess.crop_size, device, dtype)
     outputs = make_outputs(settings.outputs, OutputOptions(probe, m.topk, loaded.categories, loaded.classifier,

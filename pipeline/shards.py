@@ -12,8 +12,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import multiprocessing
 import os
 import tarfile
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import braceexpand
@@ -143,6 +146,53 @@ def index_path_for(path: str, cache_dir: str | None, version: str = "") -> str:
     return os.path.join(cache_dir, f"{shard_name(path)}-{digest}.idx")
 
 
+class BackgroundIndexing:
+    """Local shards without a fresh index, indexed by forked processes while this one loads the model
+    (listing a tar holds Python's GIL, so threads would not run side by side). `wait()` before
+    `open_shard`; a shard that fails there is indexed again, and reported, by `open_shard`."""
+
+    MIN_SHARDS = 16  # fewer are indexed in this process, when opened
+    CHUNK = 8  # shards per task
+
+    def __init__(self, paths: list[str], cache_dir: str | None, workers: int):
+        self._pool, self._tasks = None, []
+        todo = [p for p in paths if not is_remote(p) and _needs_index(p, cache_dir)]
+        # fork is safe only with no other thread running; the children only list tars and write files
+        if workers < 2 or len(todo) < self.MIN_SHARDS or threading.active_count() > 1:
+            return
+        self._pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork"))
+        log.info("indexing %d shard(s) in %d processes", len(todo), min(workers, len(todo)))
+        for start in range(0, len(todo), self.CHUNK):
+            self._tasks.append(self._pool.submit(_index_all, todo[start : start + self.CHUNK], cache_dir))
+
+    def wait(self) -> None:
+        if self._pool is None:
+            return
+        for task in self._tasks:
+            try:
+                task.result()
+            except Exception as e:  # noqa: BLE001 (a broken pool: open_shard indexes what is left)
+                log.debug("background indexing: %s", e)
+        self._pool.shutdown()
+        self._pool = None
+
+
+def _needs_index(path: str, cache_dir: str | None) -> bool:
+    try:
+        idx = index_path_for(path, cache_dir)
+        return os.path.isfile(path) and not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path))
+    except OSError:
+        return False
+
+
+def _index_all(paths: list[str], cache_dir: str | None) -> None:
+    for path in paths:
+        try:
+            create_index(path, index_path_for(path, cache_dir))
+        except Exception:  # noqa: BLE001 (open_shard tries again and reports why)
+            pass
+
+
 def open_shard(path: str, cache_dir: str | None = None) -> Shard:
     """Index a shard (reusing a fresh index file) and count its samples; failures are recorded, not raised."""
     if is_remote(path):
@@ -153,8 +203,11 @@ def open_shard(path: str, cache_dir: str | None = None) -> Shard:
     if not os.access(path, os.R_OK):
         return Shard(path, name, error="not readable")
     idx = index_path_for(path, cache_dir)
-    return _indexed(path, name, idx, lambda: not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)),
-                    lambda end: check_not_truncated(path, end) if path.endswith(PLAIN_TAR) else None)
+    try:
+        fresh = os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)
+    except OSError:
+        fresh = False
+    return _indexed(path, name, idx, stale=not fresh)
 
 
 def _open_remote_shard(path: str, cache_dir: str | None) -> Shard:
@@ -169,17 +222,20 @@ def _open_remote_shard(path: str, cache_dir: str | None) -> Shard:
             return Shard(path, name, error=f"cannot read: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
     idx = index_path_for(path, cache_dir, f"{size}|{version}")
     # A `pipe:` or http(s) shard cannot say whether it changed: it is indexed on every run.
-    stale = lambda: not version or not os.path.exists(idx)  # noqa: E731
-    return _indexed(path, name, idx, stale,
-                    lambda end: check_remote_size(end, size) if size is not None and path.endswith(PLAIN_TAR) else None)
+    return _indexed(path, name, idx, stale=not version or not os.path.exists(idx), size=size)
 
 
-def _indexed(path: str, name: str, idx: str, stale, check) -> Shard:
+def _indexed(path: str, name: str, idx: str, stale: bool, size: int | None = None) -> Shard:
+    """The Shard from its index (created first when `stale`), checked against the tar's end; a remote
+    object's `size` stands in for reading its end marker."""
     try:
-        if stale():
+        if stale:
             create_index(path, idx)
         index = read_index(idx)
-        check(index.end)
+        if path.endswith(PLAIN_TAR) and not is_remote(path):
+            check_not_truncated(path, index.end)
+        elif path.endswith(PLAIN_TAR) and size is not None:
+            check_remote_size(index.end, size)
     except tarfile.TarError as e:
         return Shard(path, name, index_path=idx, error=f"cannot index: truncated or damaged tar ({e})")
     except (OSError, ValueError) as e:

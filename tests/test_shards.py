@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -93,3 +95,21 @@ def test_ranks_split_shards_disjointly_and_completely():
     assert parts[1] == assign_to_rank(paths, 1, 3)  # deterministic: any rank can be rerun alone
 
 
+
+
+def test_many_unindexed_shards_are_indexed_side_by_side(tmp_path):
+    """A first run over many shards lists them in forked processes while the model loads; the indexes
+    are the ones indexing each shard alone gives."""
+    from conftest import ROOT, small_jpegs
+    from pipeline.pack import write_shards
+
+    paths = write_shards(small_jpegs(40, seed=81), str(tmp_path), 2, "many")
+    expected = {p: open(p[:-4] + ".idx").read() for p in paths}
+    for p in paths:
+        os.remove(p[:-4] + ".idx")
+    # In a fresh process, as a job's: one thread running, so it may fork (20 shards ≥ MIN_SHARDS).
+    script = ("import sys; from pipeline.shards import BackgroundIndexing; "
+              "i = BackgroundIndexing(sys.argv[1:], None, workers=2); assert i._pool is not None; i.wait()")
+    subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, check=True)
+    assert {p: open(p[:-4] + ".idx").read() for p in paths} == expected
+    assert [open_shard(p).count for p in paths] == [2] * 20
