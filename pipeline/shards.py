@@ -10,6 +10,7 @@ name made of its URL, size and ETag, so a replaced object is indexed again.
 from __future__ import annotations
 
 import glob
+import gc
 import hashlib
 import logging
 import multiprocessing
@@ -160,7 +161,10 @@ class BackgroundIndexing:
         # fork is safe only with no other thread running; the children only list tars and write files
         if workers < 2 or len(todo) < self.MIN_SHARDS or threading.active_count() > 1:
             return
-        self._pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork"))
+        # The children never collect garbage: a cycle holding a DALI pipeline copied from an earlier run in
+        # this process must not be destroyed there.
+        self._pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork"),
+                                         initializer=gc.disable)
         log.info("indexing %d shard(s) in %d processes", len(todo), min(workers, len(todo)))
         for start in range(0, len(todo), self.CHUNK):
             self._tasks.append(self._pool.submit(_index_all, todo[start : start + self.CHUNK], cache_dir))
