@@ -101,10 +101,10 @@ class OutputLayout:
     def write_json(self, name: str, content: dict) -> str:
         return self.write_bytes(name, json.dumps(content, indent=2, sort_keys=True, default=str).encode(), sync=False)
 
-    def write_bytes(self, name: str, data: bytes, sync: bool = True) -> str:
+    def write_bytes(self, name: str, data: bytes | pa.Buffer, sync: bool = True) -> str:
         """Atomically: a reader sees the old content or the new, never part of it."""
         if self.remote:
-            self.fs.pipe_file(self._inner(name), data)
+            self.fs.pipe_file(self._inner(name), data.to_pybytes() if isinstance(data, pa.Buffer) else data)
             return self.path(name)
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -115,27 +115,18 @@ class OutputLayout:
                 if sync:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
-        finally:
+        except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            raise
         return path
 
     def write_parquet(self, name: str, table: pa.Table, **options) -> str:
-        if self.remote:
-            buffer = pa.BufferOutputStream()
-            pq.write_table(table, buffer, **options)
-            return self.write_bytes(name, buffer.getvalue().to_pybytes())
-        path = self.path(name)
-        tmp = os.path.join(self.root, f".{name}{TMP_MARK}{os.getpid()}")
-        try:
-            pq.write_table(table, tmp, **options)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        # Encoded in memory, then written as one file: pyarrow's own file output resolves a filesystem
+        # for every path, a fixed cost that shows with many small shards.
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, **options)
+        return self.write_bytes(name, buffer.getvalue())
 
     def read_footer(self, name: str) -> tuple[pq.FileMetaData | None, str]:
         """(footer, "") or (None, why not)."""
