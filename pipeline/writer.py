@@ -2,8 +2,8 @@
 atomically (locally: temporary name, fsync, rename; in object storage: one whole-object PUT). A
 reader, or a rerun, never sees half a shard.
 
-Rows arrive as columns per batch; a shard's table is built from them with one Arrow call per column,
-and a writer thread encodes, syncs and renames it (pyarrow and fsync release the GIL), so the loop
+Rows arrive as columns per batch; each batch becomes one Arrow table (one call per column), a shard's
+file is its slices of those, and a writer thread encodes, syncs and renames it (pyarrow and fsync release the GIL), so the loop
 goes on scoring meanwhile. Whether a shard's file is complete is decided by one rule,
 `shard_complete`, which resume, the completion records and `jobs.verify` all use.
 """
@@ -57,8 +57,8 @@ def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) 
 class _ShardBuffer:
     expected: int
     count: int = 0
-    rows: list[Rows] = field(default_factory=list)
-    values: list[dict[str, np.ndarray]] = field(default_factory=list)
+    parts: list[pa.Table] = field(default_factory=list)  # slices of batch tables, in row order
+    counts: collections.Counter = field(default_factory=collections.Counter)  # rows per status
 
 
 class ShardWriter:
@@ -118,13 +118,18 @@ class ShardWriter:
             log.info("removed leftover temporary file=%s", name)
 
     def add(self, rows: Rows, values: dict[str, np.ndarray]) -> None:
-        """A batch's rows (any shards, in order) with the output values of each row."""
+        """A batch's rows (any shards, in order) with the output values of each row. The batch becomes one
+        Arrow table, and each shard keeps its slice of it: with many small shards per batch, the Arrow
+        calls are paid per batch, not per shard."""
+        table = None
         for shard, start, stop in rows.shard_runs():
             buf = self._buffers.get(shard)
             if buf is None or shard in self.failed:
                 continue
-            buf.rows.append(rows.slice(start, stop) if (start, stop) != (0, len(rows)) else rows)
-            buf.values.append({name: v[start:stop] for name, v in values.items()})
+            if table is None:
+                table = self._table(rows, values)
+            buf.parts.append(table.slice(start, stop - start))
+            buf.counts.update(rows.status[start:stop])
             buf.count += stop - start
             if buf.count == buf.expected:
                 self._commit(shard)
@@ -154,11 +159,12 @@ class ShardWriter:
     def _commit(self, shard: str) -> None:
         buf = self._buffers[shard]
         self._buffers[shard] = _ShardBuffer(buf.expected)  # the table below holds what is needed
-        rows = buf.rows[0] if len(buf.rows) == 1 else _concat_rows(buf.rows)
-        counts = collections.Counter(rows.status)
-        table = self._table(rows, buf.values, {**self.metadata, "rows": len(rows), "status_counts": dict(counts)})
+        table = buf.parts[0] if len(buf.parts) == 1 else pa.concat_tables(buf.parts)
+        metadata = {**self.metadata, "rows": table.num_rows, "status_counts": dict(buf.counts)}
+        table = table.replace_schema_metadata({META_KEY: json.dumps(metadata, default=str).encode()})
         self._collect(keep_bytes=MAX_PENDING_BYTES - table.nbytes)
-        self._pending.append((shard, len(rows), counts, table.nbytes, self._thread.submit(self._write_file, shard, table)))
+        self._pending.append((shard, table.num_rows, buf.counts, table.nbytes,
+                              self._thread.submit(self._write_file, shard, table)))
         self._pending_bytes += table.nbytes
 
     def _collect(self, keep_bytes: int) -> None:
@@ -181,9 +187,7 @@ class ShardWriter:
         path = self.layout.write_parquet(f"{shard}.parquet", table, **self._parquet_options)
         log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, path)
 
-    def _table(self, rows: Rows, values: list[dict[str, np.ndarray]], metadata: dict) -> pa.Table:
-        merged = {name: np.concatenate([v[name] for v in values]) if len(values) > 1 else values[0][name]
-                  for name in values[0]}
+    def _table(self, rows: Rows, values: dict[str, np.ndarray]) -> pa.Table:
         valid = np.array([s == OK for s in rows.status], dtype=bool)
         columns = {
             "key": pa.array(rows.keys, pa.string()),
@@ -194,9 +198,8 @@ class ShardWriter:
             **{name: pa.array(rows.components[name], pa.string()) for name in self.kept},
         }
         for kind in self.outputs:
-            columns.update(kind.arrays(merged, valid))
-        schema = self.schema.with_metadata({META_KEY: json.dumps(metadata, default=str).encode()})
-        return pa.table([columns[f.name] for f in schema], schema=schema)
+            columns.update(kind.arrays(values, valid))
+        return pa.table([columns[f.name] for f in self.schema], schema=self.schema)
 
 
 def _is_floating(type_: pa.DataType) -> bool:
@@ -209,12 +212,4 @@ def _parquet_path(field: pa.Field) -> str:
     """A column's path in the Parquet schema (a list's values are `<name>.list.element`)."""
     nested = pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type)
     return f"{field.name}.list.element" if nested else field.name
-
-
-def _concat_rows(parts: list[Rows]) -> Rows:
-    rows = Rows()
-    for part in parts:
-        rows.extend(part)
-    return rows
-
 

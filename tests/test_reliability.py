@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -199,3 +200,27 @@ def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path):
     assert rerun.returncode == 0, log[-2000:]
     assert f"{stopped_at} shard(s) already complete" in log
     assert rows_of(out) == uninterrupted
+
+
+def test_a_shard_whose_file_cannot_be_written_is_failed_and_the_rest_written(shards, tmp_path, monkeypatch):
+    """The disk is full when one shard's file is put in place: that shard is failed with the reason, the
+    others are written, and its temporary file is removed."""
+    real_replace = os.replace
+
+    def replace(src, dst, **kw):
+        if str(dst).endswith("part-000001.parquet"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    settings = ScoreSettings(data=DataSettings(shards=shards), output=OutputSettings(dir=str(out)),
+                             model=ModelSettings(name="resnet18", weights=None, resize_size=40, crop_size=32),
+                             batch_size=4, precision="fp32", decoder="dali", progress=False)
+    assert score(settings) == 1
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["part-000000.parquet", "part-000002.parquet"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert list(manifest["failed"]) == ["part-000001"]
+    assert "cannot write its Parquet file" in manifest["failed"]["part-000001"]
+    assert "No space left" in manifest["failed"]["part-000001"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
