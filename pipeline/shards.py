@@ -13,7 +13,6 @@ import glob
 import gc
 import hashlib
 import logging
-import mmap
 import multiprocessing
 import os
 import tarfile
@@ -278,10 +277,25 @@ def _members(archive: tarfile.TarFile):
 
 def _list_plain_tar(path: str) -> list[tuple[int, str, int]] | None:
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return None
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _list_ustar(data)
+        size = os.fstat(f.fileno()).st_size
+        return _list_ustar(f.read() if size <= WHOLE_READ_BYTES else _HeaderReads(f.fileno(), size))
+
+
+WHOLE_READ_BYTES = 1 << 20  # smaller tars are read at once; larger ones header by header
+
+
+class _HeaderReads:
+    """`bytes`-like slices of an open file, each one `pread`: the headers of a large tar without reading
+    the data between them (a memory map would crash the process if the file shrank meanwhile)."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, span: slice) -> bytes:
+        return os.pread(self.fd, span.stop - span.start, span.start)
 
 
 _REGULAR = (b"0", b"\0", b"7")
@@ -295,7 +309,7 @@ def _octal(field: bytes) -> int:
 
 
 def _list_ustar(data) -> list[tuple[int, str, int]] | None:
-    """(data offset, name, size) of each regular file in `data` (bytes or a memory map), exactly as
+    """(data offset, name, size) of each regular file in `data` (bytes or `_HeaderReads`), exactly as
     tarfile lists them, for the plain ustar headers shards are written with; None for anything else (pax
     or GNU long-name records, numbers in base 256, a bad checksum, no end marker), which tarfile then
     lists. tarfile spends ~50 µs of Python per member, most of a small shard's fixed cost."""

@@ -167,3 +167,20 @@ def test_overhead_mode_measures_rows_per_second_and_the_cost_per_shard(tmp_path)
         assert cost["job_ms_per_extra_shard"] == round((many["job_seconds"] - few["job_seconds"]) * 1000 / 3, 2)
         assert few["peak_rss_mb"] > 0 and many["peak_rss_mb"] > 0
     assert "score_dali" in r.stdout and "ms per extra shard" in r.stdout
+
+
+def test_storage_cost_compares_a_local_s3_server_with_local_disk(tmp_path):
+    pytest.importorskip("moto")
+    r = run_cli("jobs.bench", "mode=overhead", f"bench.out_dir={tmp_path}", "bench.overhead.variants=[]",
+                "bench.overhead.shard_cost=false", "bench.overhead.corrupt_cost=false", "bench.overhead.storage_cost=true",
+                "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]", "bench.overhead.rounds=1",
+                timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    storage = json.loads((tmp_path / "overhead.json").read_text())["storage_cost"]
+    assert storage["shards"] == 1 and storage["rows"] == 8
+    for decoder in ("dali", "torch"):
+        c = storage[decoder]
+        (local,), (remote,) = c["rounds"]["local"], c["rounds"]["s3"]
+        assert local["rows"] == remote["rows"] == 8
+        assert c["job_seconds_ratio"] == round(remote["job_seconds"] / local["job_seconds"], 3)
+    assert "from a local S3 server" in r.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,45 +15,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, TINY, run_cli, small_jpegs
+from pipeline.bench.storage import LocalS3
 from pipeline.pack import write_shards
 
 pytest.importorskip("moto")
-s3fs = pytest.importorskip("s3fs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytest.importorskip("s3fs")
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 endpoint with bucket `data` holding three shards under in/; yields the environment to use."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        fs = s3fs.S3FileSystem()
-        for _ in range(100):
-            try:
-                fs.mkdir("data")
-                break
-            except Exception:  # not listening yet
-                time.sleep(0.1)
-        local = write_shards(small_jpegs(20, seed=61), str(tmp_path_factory.mktemp("s3in")), 7, "part")
-        for path in local:
-            fs.put(path, f"data/in/{os.path.basename(path)}")
-        yield {"env": env, "fs": fs, "local": local}
-    finally:
-        server.terminate()
-        server.wait()
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with LocalS3("data") as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            local = write_shards(small_jpegs(20, seed=61), str(tmp_path_factory.mktemp("s3in")), 7, "part")
+            server.upload(local, "in")
+            yield {"env": server.env, "fs": server.fs, "local": local}
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def rows(folder) -> list[tuple]:
@@ -89,7 +69,8 @@ def test_both_decoders_read_s3_shards(s3, local_rows, tmp_path, decoder, spec):
     r = score(f"data.shards={spec}", f"output.dir={out}", f"decoder={decoder}", f"data.index_cache_dir={tmp_path / 'idx'}",
               env=s3["env"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert rows(out) == local_rows("torch" if decoder == "torch" else "dali")
+    assert rows(out) == local_rows("dali" if decoder == "dali" else "torch")  # auto streams object storage: torch
+    assert ("using decoder=torch" in r.stdout + r.stderr) == (decoder == "auto")
     assert len(list((tmp_path / "idx").glob("part-000000-*.idx"))) == 1  # the index sits in the local cache
 
 
@@ -106,7 +87,7 @@ def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
     assert not [n for n in names if n.startswith("_logs") or ".tmp-" in n]  # Hydra's logs stay local
     table = pq.read_table("data/out-verify", filesystem=fs)  # one dataset: the _ names are skipped
     assert sorted((r["shard"], r["key"], r["status"], tuple(r["topk_index"] or ())) for r in table.to_pylist()) \
-        == local_rows("dali")
+        == local_rows("torch")  # decoder=auto streams object storage with the torch decoder
     verify = run_cli("jobs.verify", *args, env=s3["env"])
     assert verify.returncode == 0 and "complete" in verify.stdout, verify.stdout + verify.stderr
     assert os.path.isdir(os.path.join(ROOT, "outputs", "logs", "data", "out-verify"))  # ./outputs/logs/<bucket>/<prefix>
@@ -160,7 +141,7 @@ def test_a_changed_object_is_indexed_again(s3, tmp_path):
 def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path):
     folder = os.path.dirname(s3["local"][0])
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         names = [os.path.basename(p) for p in s3["local"]]

@@ -13,7 +13,8 @@ import tarfile
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.shards import _list_ustar, assign_to_rank, create_index, expand_shards, index_path_for, open_shard, read_index
+from pipeline.shards import (_HeaderReads, _list_ustar, assign_to_rank, create_index, expand_shards, index_path_for,
+                             open_shard, read_index)
 
 
 def test_every_spec_form_expands_to_the_same_sorted_paths(shards, tmp_path):
@@ -148,9 +149,12 @@ MEMBERS = [("train", None), ("train/n01440764", None), ("train/n01440764/n01_1.J
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_header_walk_lists_what_tarfile_lists(fmt):
+def test_header_walk_lists_what_tarfile_lists(fmt, tmp_path):
     data = _tar(MEMBERS, fmt)
     listed = _list_ustar(data)
+    (tmp_path / "s.tar").write_bytes(data)
+    with open(tmp_path / "s.tar", "rb") as f:  # large tars are read header by header: the same listing
+        assert _list_ustar(_HeaderReads(f.fileno(), len(data))) == listed
     if fmt == tarfile.USTAR_FORMAT:  # the layout shards are written in: read without tarfile
         assert listed == _tarfile_listing(data)
         assert [n for _, n, _ in listed][-1] == "d" * 90 + "/" + "f" * 90 + ".jpg"  # name in the ustar prefix

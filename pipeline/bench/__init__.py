@@ -54,6 +54,7 @@ class OverheadSettings:
     shard_cost_rows: int = 4000
     shard_cost_layouts: tuple[int, ...] = (4, 400)  # shard counts the rows are split into
     corrupt_cost: bool = True  # also: what one truncated JPEG costs DALI in a batch of 256 photos
+    storage_cost: bool = False  # also: the few-shards layout read from a local S3 server vs local disk (needs moto)
     extra: tuple[str, ...] = ()  # more jobs.score overrides for the score_* runs, e.g. [loader.threads=1]
 
     def __post_init__(self):

@@ -78,6 +78,13 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
                 print(f"round={r + 1}/{o.rounds} shards={count} decoder={decoder} wall={result['wall_seconds']:.2f}s "
                       f"peak_rss={result['peak_rss_mb']:.0f}MB", flush=True)
     report = summarise(o, rows, shard_cost)
+    if o.storage_cost:
+        from pipeline.bench.storage import storage_cost
+
+        few = min(o.shard_cost_layouts)
+        folder = layouts.get(few) or tiny_shards(os.path.join(root, f"shards-{few}x{o.shard_cost_rows // few}"),
+                                                 few, o.shard_cost_rows // few, o.image_size)
+        report["storage_cost"] = storage_cost(job, folder, o.rounds)
     if o.corrupt_cost:
         report["corrupt_cost"] = corrupt_cost(root, settings, o.rounds)
     print(format_overhead_table(report), flush=True)
@@ -168,21 +175,21 @@ class JobRunner:
         threads = "null" if settings.loader.threads is None else settings.loader.threads
         self.loader = [f"loader.threads={threads}", f"loader.prefetch={settings.loader.prefetch}"]
 
-    def args(self, folder: str, out: str, decoder: str, embedding: bool = False) -> list[str]:
+    def args(self, folder: str, out: str, decoder: str, embedding: bool = False, shards: str | None = None) -> list[str]:
         o = self.o
         model = [f"model.path={self.embedder}", "outputs=[embedding]"] if embedding else [f"model.path={self.model}"]
-        return [f"data.shards='{folder}/*.tar'", f"output.dir={out}", *model,
+        return [f"data.shards='{shards or folder + '/*.tar'}'", f"output.dir={out}", *model,
                 f"model.resize_size={o.image_size}", f"model.crop_size={o.image_size}", "model.mean=[0.5,0.5,0.5]",
                 "model.std=[0.5,0.5,0.5]", "model.interpolation=bilinear", f"batch_size={o.batch_size}",
                 "precision=fp32", "device=cpu", f"decoder={decoder}", "progress=false", *self.loader, *o.extra]
 
-    def run(self, args: list[str], name: str) -> tuple[float, float]:
+    def run(self, args: list[str], name: str, env: dict | None = None) -> tuple[float, float]:
         """(wall seconds, peak RSS MB) of one jobs.score process; raises when it fails."""
         log_path = os.path.join(self.root, "logs", f"{name}.log")
         with open(log_path, "w") as out:
             start = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=self.root)
+                                    cwd=self.root, env={**os.environ, **(env or {})})
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -200,16 +207,19 @@ class JobRunner:
                 "whole_run_rows_per_sec": metrics["images_per_sec"], "wall_seconds": round(wall, 3),
                 "peak_rss_mb": round(rss), "time_split_seconds": metrics.get("time_split_seconds")}
 
-    def whole_process(self, folder: str, decoder: str, name: str) -> dict:
-        """One run from scratch: index files removed first, a fresh output folder."""
+    def whole_process(self, folder: str, decoder: str, name: str, shards: str | None = None, env: dict | None = None,
+                      extra: tuple[str, ...] = ()) -> dict:
+        """One run from scratch: index files removed first, a fresh output folder; `shards` (a spec) and
+        `env` for the same shards elsewhere."""
         for idx in glob.glob(os.path.join(folder, "*.idx")):
             os.remove(idx)
         out = os.path.join(self.root, f"out-{name}")
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = self.run(self.args(folder, out, decoder), name)
-        job = read_rank_metrics(out).get("job_seconds")
+        wall, rss = self.run([*self.args(folder, out, decoder, shards=shards), *extra], name, env)
+        metrics = read_rank_metrics(out)
         shutil.rmtree(out, ignore_errors=True)
-        return {"wall_seconds": round(wall, 3), "job_seconds": job, "peak_rss_mb": round(rss)}
+        return {"wall_seconds": round(wall, 3), "job_seconds": metrics.get("job_seconds"), "peak_rss_mb": round(rss),
+                "rows": metrics["images"], "rows_per_sec": metrics["sustained_images_per_sec"]}
 
 
 def read_rank_metrics(out: str) -> dict:

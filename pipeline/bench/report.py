@@ -117,5 +117,11 @@ def format_overhead_table(report: dict) -> str:
                      f"{c['job_ms_per_extra_shard']:.2f} ms in the job's own time (rounds: "
                      f"{' '.join(f'{v:.2f}' for v in c['job_ms_per_extra_shard_per_round'])}); "
                      f"peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
+    storage = report.get("storage_cost")
+    for decoder in ("dali", "torch") if storage else ():
+        c = storage[decoder]
+        lines.append(f"storage decoder={decoder}: {storage['shards']} shards from a local S3 server ÷ from local disk "
+                     f"(paired per round): job's own time {c['job_seconds_ratio']:.2f}×, whole process "
+                     f"{c['wall_seconds_ratio']:.2f}×, sustained rows/s {c['rows_per_sec_ratio']:.2f}× slower")
     lines.append(f"cpu flags: {report['cpu_flags']}")
     return "\n".join(lines)

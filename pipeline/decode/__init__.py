@@ -21,16 +21,25 @@ def dali_reads(shard: Shard) -> bool:
     return shard.is_plain_tar and (not shard.is_remote or shard.path.startswith("s3://"))
 
 
+# DALI's reader fetches each sample component of an s3:// shard with its own ranged request; the torch
+# decoder streams a shard with one. Against a local S3 server that made DALI 40× slower (BENCHMARKS.md).
+REMOTE_DALI = ("DALI reads object storage with one request per sample component (decoder=torch streams each "
+               "shard with one request)")
+
+
 def choose_decoder(name: str, shards: list[Shard]) -> str:
-    """`auto` → DALI when it imports and reads every shard, else torch (said in the log)."""
+    """`auto` → DALI when it imports and every shard is a local plain tar, else torch (said in the log)."""
     from pipeline.decode.dali import dali_available
 
     others = [s.path for s in shards if not dali_reads(s)]
+    remote = [s.path for s in shards if s.is_remote]
     if name == "dali":
         if not dali_available():
             raise UserError("decoder=dali but nvidia-dali is not installed; use decoder=torch or decoder=auto")
         if others:
             raise UserError(f"decoder=dali reads plain .tar shards, local or s3://, got {others[0]}; use decoder=torch")
+        if remote:
+            log.warning("decoder=dali on %s: %s; expect it to be slow", remote[0], REMOTE_DALI)
         return "dali"
     if name == "torch":
         return "torch"
@@ -40,6 +49,9 @@ def choose_decoder(name: str, shards: list[Shard]) -> str:
     if others:
         log.warning("decoder=auto: DALI cannot read %s (compressed, or neither local nor s3://); using decoder=torch",
                     others[0])
+        return "torch"
+    if remote:
+        log.info("decoder=auto: %s is in object storage; %s: using decoder=torch", remote[0], REMOTE_DALI)
         return "torch"
     return "dali"
 

@@ -1,0 +1,105 @@
+"""bench.overhead.storage_cost: the same shards read from local disk and from S3-compatible object
+storage. A local S3 API server (moto's server mode on 127.0.0.1, started here: no network) holds a
+copy of the 4 × 1,000-row shards of the per-shard measurement; every round runs `jobs.score` over both,
+each from scratch (the local index files removed, a fresh index cache for the S3 run, so both read
+every shard to index it), and the report gives the medians of the rounds' paired ratios S3 ÷ local.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from pipeline.errors import UserError
+
+BUCKET = "shardscore-bench"
+
+
+class LocalS3:
+    """moto's S3 server on a free port of 127.0.0.1, with one bucket; `env` points boto/s3fs at it."""
+
+    def __init__(self, bucket: str = BUCKET):
+        self.bucket = bucket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self._server = None
+        self.fs = None
+
+    def __enter__(self) -> LocalS3:
+        try:
+            import moto.server  # noqa: F401
+            import s3fs
+        except ImportError as e:
+            raise UserError(f"a local S3 server needs moto[server] and s3fs ({e.name} is missing): "
+                            "pip install -e '.[dev]'") from None
+        self._server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.fs = s3fs.S3FileSystem(endpoint_url=self.env["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+        for _ in range(200):
+            try:
+                self.fs.mkdir(self.bucket)
+                return self
+            except Exception:  # noqa: BLE001 (not listening yet)
+                if self._server.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError(f"the local S3 server did not start on 127.0.0.1:{self.port}")
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.terminate()
+            self._server.wait()
+            self._server = None
+
+    def upload(self, paths: list[str], prefix: str) -> str:
+        """Copies the files under s3://<bucket>/<prefix>/; returns the folder's URL."""
+        for path in paths:
+            self.fs.put(path, f"{self.bucket}/{prefix}/{os.path.basename(path)}")
+        return f"s3://{self.bucket}/{prefix}"
+
+
+def storage_cost(job, folder: str, rounds: int, decoders: tuple[str, ...] = ("dali", "torch")) -> dict:
+    """`job` is the overhead benchmark's JobRunner; `folder` holds the shards."""
+    shards = sorted(glob.glob(os.path.join(folder, "*.tar")))
+    results: dict[str, dict[str, list[dict]]] = {d: {"local": [], "s3": []} for d in decoders}
+    with LocalS3() as s3:
+        url = s3.upload(shards, os.path.basename(folder))
+        for r in range(rounds):
+            # The order alternates, so drift over a round hits both places alike.
+            for place in ("local", "s3")[:: 1 if r % 2 == 0 else -1]:
+                for decoder in decoders:
+                    name = f"storage-{place}-{decoder}-{r}"
+                    if place == "local":
+                        result = job.whole_process(folder, decoder, name)
+                    else:
+                        cache = os.path.join(job.root, "s3-index-cache")
+                        shutil.rmtree(cache, ignore_errors=True)
+                        result = job.whole_process(folder, decoder, name, shards=f"{url}/*.tar", env=s3.env,
+                                                   extra=(f"data.index_cache_dir={cache}",))
+                    results[decoder][place].append(result)
+                    print(f"round={r + 1}/{rounds} storage={place} decoder={decoder} wall={result['wall_seconds']:.2f}s "
+                          f"job={result['job_seconds']:.2f}s rows_per_sec={result['rows_per_sec']:.0f}", flush=True)
+    report = {"shards": len(shards), "rows": results[decoders[0]]["local"][0]["rows"]}
+    for decoder, places in results.items():
+        local, remote = places["local"], places["s3"]
+        report[decoder] = {
+            "job_seconds_ratio": _median_ratio(remote, local, "job_seconds"),
+            "wall_seconds_ratio": _median_ratio(remote, local, "wall_seconds"),
+            "rows_per_sec_ratio": _median_ratio(local, remote, "rows_per_sec"),  # local ÷ S3: slower is > 1
+            "rounds": places,
+        }
+    return report
+
+
+def _median_ratio(a: list[dict], b: list[dict], key: str) -> float:
+    return round(statistics.median(x[key] / y[key] for x, y in zip(a, b)), 3)
