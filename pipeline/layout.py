@@ -34,10 +34,26 @@ def filesystem(url: str):
     import fsspec
 
     try:
+        if url.startswith(("s3://", "s3a://")):
+            return fsspec.core.url_to_fs(url, session=_s3_session())
         return fsspec.core.url_to_fs(url)
     except ImportError as e:  # the scheme's package is missing, e.g. s3fs for s3://
         raise UserError(f"{url.split('://')[0]}:// needs a package that is not installed ({e}); for s3:// "
                         "pip install 'shardscore[s3]'") from None
+
+
+_S3_SESSION = None
+
+
+def _s3_session():
+    """One botocore session per process tree: a client's first use parses S3's service description
+    (~0.3 s of JSON), and DataLoader workers, forked after the planning step used it, inherit it parsed."""
+    global _S3_SESSION
+    if _S3_SESSION is None:
+        from aiobotocore.session import AioSession
+
+        _S3_SESSION = AioSession()
+    return _S3_SESSION
 
 
 def open_input(path: str):

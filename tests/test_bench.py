@@ -180,7 +180,8 @@ def test_storage_cost_compares_a_local_s3_server_with_local_disk(tmp_path):
     assert storage["shards"] == 1 and storage["rows"] == 8
     for decoder in ("dali", "torch"):
         c = storage[decoder]
-        (local,), (remote,) = c["rounds"]["local"], c["rounds"]["s3"]
-        assert local["rows"] == remote["rows"] == 8
-        assert c["job_seconds_ratio"] == round(remote["job_seconds"] / local["job_seconds"], 3)
+        (local,), (remote,), (cached,) = c["rounds"]["local"], c["rounds"]["s3"], c["rounds"]["s3_cached"]
+        assert local["rows"] == remote["rows"] == cached["rows"] == 8
+        assert c["s3"]["job_seconds_ratio"] == round(remote["job_seconds"] / local["job_seconds"], 3)
+        assert c["s3_cached"]["wall_seconds_ratio"] == round(cached["wall_seconds"] / local["wall_seconds"], 3)
     assert "from a local S3 server" in r.stdout

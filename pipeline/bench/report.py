@@ -119,9 +119,10 @@ def format_overhead_table(report: dict) -> str:
                      f"peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
     storage = report.get("storage_cost")
     for decoder in ("dali", "torch") if storage else ():
-        c = storage[decoder]
-        lines.append(f"storage decoder={decoder}: {storage['shards']} shards from a local S3 server ÷ from local disk "
-                     f"(paired per round): job's own time {c['job_seconds_ratio']:.2f}×, whole process "
-                     f"{c['wall_seconds_ratio']:.2f}×, sustained rows/s {c['rows_per_sec_ratio']:.2f}× slower")
+        for place, what in (("s3", "indexed first"), ("s3_cached", "index cached")):
+            c = storage[decoder][place]
+            lines.append(f"storage decoder={decoder}: {storage['shards']} shards from a local S3 server ({what}) ÷ from "
+                         f"local disk (paired per round): job's own time {c['job_seconds_ratio']:.2f}×, whole process "
+                         f"{c['wall_seconds_ratio']:.2f}×, sustained rows/s {c['rows_per_sec_ratio']:.2f}× slower")
     lines.append(f"cpu flags: {report['cpu_flags']}")
     return "\n".join(lines)
