@@ -22,7 +22,7 @@ def dali_reads(shard: Shard) -> bool:
 
 
 # DALI's reader fetches each sample component of an s3:// shard with its own ranged request; the torch
-# decoder streams a shard with one. Against a local S3 server that made DALI 40× slower (BENCHMARKS.md).
+# decoder streams a shard with one. Against a local S3 server that made a DALI job 14× slower (BENCHMARKS.md).
 REMOTE_DALI = ("DALI reads object storage with one request per sample component (decoder=torch streams each "
                "shard with one request)")
 
