@@ -71,8 +71,16 @@ def load_checkpoint(module: nn.Module, path: str) -> None:
         raise UserError(f"model.checkpoint {path} does not fit the model: {' '.join(str(e).split())[:200]}") from None
 
 
-def random_init_warning(name: str) -> None:
+def final_weights(net: nn.Module, settings, name: str, pretrained: str | None) -> str:
+    """The weights the model ends with, as recorded in every file: model.checkpoint loaded over it, else
+    the pretrained tag it was built with, else its seeded random init (warned)."""
+    if settings.checkpoint:
+        load_checkpoint(net, settings.checkpoint)
+        return settings.checkpoint
+    if pretrained:
+        return pretrained
     log.warning("model.weights=null: %s has seeded random weights; its scores mean nothing", name)
+    return "random-init"
 
 
 def missing_weights(what: str, download: str, error: BaseException) -> UserError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.sources import Loaded, SameOutput, load_checkpoint, random_init_warning
+from pipeline.sources import Loaded, SameOutput, final_weights
 
 
 def load(settings, want_embedding: bool, build=None) -> Loaded:
@@ -22,10 +22,4 @@ def load(settings, want_embedding: bool, build=None) -> Loaded:
                         f"{' '.join(str(cause).split())[:200]}") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"model.module {target} built a {type(net).__name__}, not a torch.nn.Module")
-    if settings.checkpoint:
-        load_checkpoint(net, settings.checkpoint)
-        weights = settings.checkpoint
-    else:
-        random_init_warning(target)
-        weights = "random-init"
-    return Loaded(SameOutput(net), {}, None, weights)
+    return Loaded(SameOutput(net), {}, None, final_weights(net, settings, target, None))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.errors import UserError
-from pipeline.sources import Loaded, SameOutput, load_checkpoint, missing_weights, random_init_warning
+from pipeline.sources import Loaded, SameOutput, final_weights, missing_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,7 @@ def load(settings, want_embedding: bool, build=None) -> Loaded:
         raise missing_weights(f"{name}/{pretrained}", f"python -c \"import open_clip; open_clip.create_model('{name}', "
                               f"pretrained='{pretrained}')\" fills the Hugging Face cache; then set HF_HUB_OFFLINE=1",
                               e) from None
-    if settings.checkpoint:
-        load_checkpoint(model, settings.checkpoint)
-        weights = settings.checkpoint
-    elif pretrained:
-        weights = f"open_clip:{name}/{pretrained}"
-    else:
-        random_init_warning(name)
-        weights = "random-init"
+    weights = final_weights(model, settings, name, pretrained and f"open_clip:{name}/{pretrained}")
     cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     if cfg.get("resize_mode", "shortest") != "shortest":

@@ -8,7 +8,7 @@ import math
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.sources import Loaded, load_checkpoint, missing_weights, random_init_warning
+from pipeline.sources import Loaded, final_weights, missing_weights
 
 
 def load(settings, want_embedding: bool, build=None) -> Loaded:
@@ -23,24 +23,17 @@ def load(settings, want_embedding: bool, build=None) -> Loaded:
         raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
     kwargs = {"num_classes": settings.num_classes} if settings.num_classes else {}
     pretrained = bool(settings.weights) and not settings.checkpoint
+    download = (f"python -c \"import timm; timm.create_model('{full}', pretrained=True)\" fills the Hugging Face "
+                "cache; then set HF_HUB_OFFLINE=1")
     try:
         net = timm.create_model(full, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "unknown model" in str(e).lower() or "invalid pretrained tag" in str(e).lower():
             raise UserError(f"unknown timm model or tag {full!r}: {' '.join(str(e).split())[:160]}") from None
-        raise missing_weights(full, f"python -c \"import timm; timm.create_model('{full}', pretrained=True)\" fills the "
-                              "Hugging Face cache; then set HF_HUB_OFFLINE=1", e) from None
+        raise missing_weights(full, download, e) from None
     except Exception as e:  # huggingface_hub's errors when the hub cannot be reached
-        raise missing_weights(full, f"python -c \"import timm; timm.create_model('{full}', pretrained=True)\" fills the "
-                              "Hugging Face cache; then set HF_HUB_OFFLINE=1", e) from None
-    if settings.checkpoint:
-        load_checkpoint(net, settings.checkpoint)
-        weights = settings.checkpoint
-    elif pretrained:
-        weights = f"timm:{full}"
-    else:
-        random_init_warning(full)
-        weights = "random-init"
+        raise missing_weights(full, download, e) from None
+    weights = final_weights(net, settings, full, f"timm:{full}" if pretrained else None)
     categories = None
     if pretrained and net.num_classes:
         subset = infer_imagenet_subset(net)

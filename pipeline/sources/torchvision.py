@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.sources import Loaded, load_checkpoint, missing_weights, random_init_warning
+from pipeline.sources import Loaded, final_weights, missing_weights
 
 
 def load(settings, want_embedding: bool, build=None) -> Loaded:
@@ -32,13 +32,7 @@ def load(settings, want_embedding: bool, build=None) -> Loaded:
     else:
         kwargs = {"num_classes": settings.num_classes} if settings.num_classes else {}
         net = torchvision.models.get_model(name, weights=None, **kwargs)
-        if settings.checkpoint:
-            load_checkpoint(net, settings.checkpoint)
-            weights = settings.checkpoint
-        else:
-            random_init_warning(name)
-            weights = "random-init"
-        categories = None
+        weights, categories = final_weights(net, settings, name, None), None
     reference = named or (enum.DEFAULT if enum is not None else None)
     return Loaded(_Heads(net, want_embedding), _preprocess(reference), categories, weights)
 
