@@ -163,7 +163,7 @@ class Runner:
         self.layout = OutputLayout(p.settings.output.dir)
         self.writer = ShardWriter(self.layout, {s.name: s.count for s in readable}, p.metadata, p.outputs,
                                   p.rules.keep)
-        _refuse_foreign_parquet(self.layout, readable, p.shard_names)
+        self._footers = _refuse_foreign_parquet(self.layout, readable, p.shard_names)
         for s in p.shards:
             if s.error:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
@@ -176,7 +176,7 @@ class Runner:
 
     def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.p.shards if s.error is None]
-        todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite)
+        todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite, self._footers)
         if todo:
             self.decoder_name = choose_decoder(self.settings.decoder, todo)
             remove_success(self.layout)
@@ -302,26 +302,31 @@ class Runner:
         return exit_code
 
 
-def _refuse_foreign_parquet(layout: OutputLayout, shards: list[Shard], run_shards: list[str]) -> None:
+def _refuse_foreign_parquet(layout: OutputLayout, shards: list[Shard], run_shards: list[str]) -> dict[str, tuple]:
     """Never overwrite what is not ours: a Parquet file in the output folder without shardscore's metadata
     (an img2dataset folder holds `00000.parquet`, say) stops the run before any work. This rank checks the
-    files of its own shards and those no shard of the run would write; each rank checks its own."""
+    files of its own shards and those no shard of the run would write; each rank checks its own. Returns
+    the footers read, by shard name, for resume to use (a shard of ours without a file is not in it)."""
     own = {f"{s.name}.parquet" for s in shards}
     of_run = {f"{name}.parquet" for name in run_shards}
+    footers = {}
     for name in layout.listdir():
         if name.endswith(".parquet") and (name in own or name not in of_run):
             meta, why = layout.read_footer(name)
             if meta is None or META_KEY not in (meta.metadata or {}):
                 raise UserError(f"output.dir holds {layout.path(name)}, a Parquet file shardscore did not write "
                                 f"({why or 'no shardscore metadata'}); move it away or choose another output.dir")
+            footers[name.removesuffix(".parquet")] = (meta, why)
+    return footers
 
 
-def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool) -> list[Shard]:
+def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool,
+                  footers: dict[str, tuple]) -> list[Shard]:
     if overwrite:
         return list(shards)
     todo = []
     for s in shards:
-        done, why = writer.resume(s.name)
+        done, why = writer.resume(s.name, footers.get(s.name, (None, "no output yet")))
         if done:
             continue
         if why != "no output yet":

@@ -101,9 +101,10 @@ class ShardWriter:
         self._pending: deque = deque()  # (shard, rows, status counts, bytes, future) in submission order
         self._pending_bytes = 0
 
-    def resume(self, shard: str) -> tuple[bool, str]:
-        """Is the shard's file already complete by the rule? If so it counts as committed."""
-        meta, why = self.layout.read_footer(f"{shard}.parquet")
+    def resume(self, shard: str, footer: tuple | None = None) -> tuple[bool, str]:
+        """Is the shard's file already complete by the rule? If so it counts as committed. `footer` is
+        `read_footer`'s answer when the caller already has it."""
+        meta, why = footer or self.layout.read_footer(f"{shard}.parquet")
         if meta is None:
             return False, why
         stored = stored_metadata(meta)
