@@ -50,8 +50,8 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
     network = network.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     for p in network.parameters():
         p.requires_grad_(False)
-    log.info("model=%s source=%s weights=%s dtype=%s device=%s preprocess=%s", settings.name or settings.path,
-             settings.source, source, dtype, device, preprocess)
+    log.info("model=%s source=%s weights=%s dtype=%s device=%s preprocess=%s",
+             settings.label, settings.source_label, source, dtype, device, preprocess)
     return LoadedModel(network, categories, source, preprocess, classifier)
 
 

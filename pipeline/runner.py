@@ -142,7 +142,7 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     if m.compile:
         loaded.module = compile_model(loaded.module)
     metadata = {
-        "model": m.path or m.name or m.module["_target_"], "source": "file" if m.path else m.source,
+        "model": m.label, "source": m.source_label,
         "weights": loaded.source, "precision": precision, "outputs": [kind.identity for kind in outputs],
         "preprocess": dataclasses.asdict(preprocess), "batch_size": batch_size, "version": __version__,
         "config": resolved_config or {},

@@ -59,6 +59,17 @@ class ModelSettings:
         _check(self.source != "module" or self.path is not None or isinstance((self.module or {}).get("_target_"), str),
                "model.source=module needs model.module with a _target_ (e.g. {_target_: mypkg.MyNet, width: 8})")
 
+    @property
+    def label(self) -> str:
+        """What the model is called in logs and in the run's identity: its file, its module's class, or its name."""
+        if self.path:
+            return self.path
+        return self.module["_target_"] if self.source == "module" else self.name
+
+    @property
+    def source_label(self) -> str:
+        return "file" if self.path else self.source
+
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -266,7 +266,7 @@ def test_scores_from_a_module_in_a_config_folder_outside_the_repo(shard, tmp_pat
         expected = torch.sigmoid(net(reference_inputs(shard, Preprocess(40, 32, (0.5,) * 3, (0.25,) * 3, "bilinear"))))
     got = torch.tensor([row["score"] for row in rows])  # one value per image: a scalar column
     assert torch.allclose(got, expected[:, 0], atol=0.01) and ((got > 0) & (got < 1)).all()
-    assert "scores" not in rows[0] and metadata(out)["source"] == "module"
+    assert "scores" not in rows[0] and metadata(out)["source"] == "module" and metadata(out)["model"] == "mypkg.MyNet"
 
 
 def test_a_module_without_preprocessing_is_a_user_error(shard, tmp_path, user_config):
