@@ -94,7 +94,7 @@ def run_e2e(settings: ScoreSettings, bench: BenchSettings, build=None) -> dict:
     variants = list(bench.e2e.variants)
     if "score_dali" in variants or "decode_only" in variants:
         choose_decoder("dali", run.shards)  # a UserError now when DALI cannot read these shards
-    print(f"e2e: model={settings.model.path or settings.model.name} precision={run.settings.precision} "
+    print(f"e2e: model={settings.model.label} precision={run.settings.precision} "
           f"batch_size={run.batch_size} images={run.images} shards={len(run.shards)} device={dev.describe(run.device)} "
           f"loader.threads={settings.loader.threads} loader.prefetch={settings.loader.prefetch} "
           f"workers={run.workers} rounds={bench.e2e.rounds}", flush=True)

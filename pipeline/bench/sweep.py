@@ -47,7 +47,7 @@ def run_sweep(settings: ScoreSettings, bench, build=None) -> dict:
         if requested != [precision]:
             log.info("precision=%s stands for %s on %s", precision, "+".join(requested), device)
     report = {
-        "mode": "sweep", "model": m.path or m.name, "image_size": size, "device": dev.describe(device),
+        "mode": "sweep", "model": m.label, "image_size": size, "device": dev.describe(device),
         "max_batch_size": bench.max_batch_size, "repeats": bench.repeats, "warmup": bench.warmup,
         "tolerance": bench.tolerance,
         "peak_memory": "CUDA max allocated" if device.type == "cuda" else "process peak RSS during the point",
