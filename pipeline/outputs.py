@@ -1,7 +1,7 @@
 """Output kinds (`outputs=[…]`): each turns the model's outputs for a batch ({"output", "embedding"}) into
-named tensors, on the device, once per batch, and those, for one shard's rows, into Arrow arrays, once
-per shard. Error rows get nulls in every column. The writer knows no output column by name: it asks
-each kind for its fields and arrays. A new kind is a class here plus its entry in `KINDS`.
+named tensors, on the device, and those into Arrow arrays, once per batch each. Error rows get nulls in
+every column. The writer knows no output column by name: it asks each kind for its fields and arrays.
+A new kind is a class here plus its entry in `KINDS`.
 """
 
 from __future__ import annotations

@@ -182,9 +182,13 @@ class BackgroundIndexing:
 
 
 def _needs_index(path: str, cache_dir: str | None) -> bool:
+    return os.path.isfile(path) and not _index_fresh(path, index_path_for(path, cache_dir))
+
+
+def _index_fresh(path: str, idx: str) -> bool:
+    """A local shard's index file exists and is not older than the shard."""
     try:
-        idx = index_path_for(path, cache_dir)
-        return os.path.isfile(path) and not (os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path))
+        return os.path.getmtime(idx) >= os.path.getmtime(path)
     except OSError:
         return False
 
@@ -207,11 +211,7 @@ def open_shard(path: str, cache_dir: str | None = None) -> Shard:
     if not os.access(path, os.R_OK):
         return Shard(path, name, error="not readable")
     idx = index_path_for(path, cache_dir)
-    try:
-        fresh = os.path.exists(idx) and os.path.getmtime(idx) >= os.path.getmtime(path)
-    except OSError:
-        fresh = False
-    return _indexed(path, name, idx, stale=not fresh)
+    return _indexed(path, name, idx, stale=not _index_fresh(path, idx))
 
 
 def _open_remote_shard(path: str, cache_dir: str | None) -> Shard:

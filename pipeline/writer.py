@@ -4,8 +4,8 @@ reader, or a rerun, never sees half a shard.
 
 Rows arrive as columns per batch; each batch becomes one Arrow table (one call per column), a shard's
 file is its slices of those, and a writer thread encodes, syncs and renames it (pyarrow and fsync
-release the GIL), so the loop goes on scoring meanwhile. Whether a shard's file is complete is decided by one rule,
-`shard_complete`, which resume, the completion records and `jobs.verify` all use.
+release the GIL), so the loop goes on scoring meanwhile. Whether a shard's file is complete is decided
+by one rule, `shard_complete`, which resume, the completion records and `jobs.verify` all use.
 """
 
 from __future__ import annotations
