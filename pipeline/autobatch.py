@@ -92,6 +92,7 @@ def choose_batch_size(module, image_size: int, dtype, device, settings) -> tuple
     probe = Scorer(module, 1, device, settings.oom)
     points = sweep(probe, image_size, dtype, device, settings.auto.max_batch_size, settings.auto.repeats)
     chosen = recommend(points, settings.auto.tolerance)
+    dev.release_memory(device)  # the sweep's largest batch stays reserved in torch's cache otherwise
     if chosen is None:
         raise OutOfMemoryAtOneRow(f"batch_size=auto: even batch 1 runs out of memory on {device}")
     print(f"batch_size=auto on {device}:\n{format_table(points, chosen)}\n"

@@ -59,6 +59,30 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# What an allocation failure says, in the words of each library that can raise one here. Substrings of
+# str(error), matched case-sensitively, each read from the installed library or its headers:
+OUT_OF_MEMORY_TEXTS = (
+    "out of memory",  # torch's CUDA/HIP/XPU OutOfMemoryError; cudaGetErrorString/cuGetErrorString of an OOM
+    "can't allocate memory",  # torch's DefaultCPUAllocator
+    "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED",  # cuDNN (the second: a workspace that did not fit)
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",  # DALI's CUDAError names (dali/core/cuda_error.h)
+    "CUDA allocation failed", "Can't allocate ",  # DALI's CUDABadAlloc: "Can't allocate N bytes on device D." / "on host."
+    "bad_alloc",  # std::bad_alloc from DALI's memory resources (dali/core/mm/*.h)
+    "failed to allocate pinned GPU Memory",  # DALI's pinned host buffers
+    "Insufficient memory", "Failed to allocate ",  # OpenCV's OutOfMemoryError, inside DALI's CPU operators
+    "nvImageCodec failure: '#5'", "nvImageCodec failure: '#15'",  # NVIMGCODEC_STATUS_(EXTENSION_)ALLOCATOR_FAILURE
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure from torch, CUDA, cuDNN, DALI or nvImageCodec (they raise RuntimeError or
+    MemoryError with one of the texts above), as opposed to bad input or a bug."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_TEXTS)
+
+
 def release_memory(device: torch.device) -> None:
     """After an out-of-memory error: give back what torch's and DALI's allocators cache."""
     gc.collect()

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.layout import OutputLayout
-from pipeline.shards import open_shard, read_index
+from pipeline.shard_index import read_index
+from pipeline.shards import open_shard
 from pipeline.writer import run_identity, shard_complete, stored_metadata
 
 log = logging.getLogger(__name__)

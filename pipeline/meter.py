@@ -129,6 +129,10 @@ class Meter:
         }
 
 
+def metrics_name(rank: int) -> str:
+    return f"_metrics/rank-{rank:05d}.json"
+
+
 def write_metrics(layout, rank: int, metrics: dict) -> str:
     """`_metrics/rank-NNNNN.json` in the output folder (an OutputLayout), replaced atomically."""
-    return layout.write_json(f"_metrics/rank-{rank:05d}.json", metrics)
+    return layout.write_json(metrics_name(rank), metrics)

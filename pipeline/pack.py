@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.errors import UserError
-from pipeline.shards import create_index
+from pipeline.shard_index import create_index
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +54,37 @@ def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(samples, output_dir: str, shard_size: int, prefix: str) -> list[str]:
-    """`samples` yields (key, {ext: bytes}); writes <prefix>-NNNNNN.tar + .idx; returns the tar paths."""
+def damage_scan(jpeg: bytes) -> bytes:
+    """A JPEG whose scan uses a Huffman table it never defines: it passes every check made on the bytes
+    before decoding, and every decoder refuses it (for tests and benchmarks of decode failures)."""
+    data = bytearray(jpeg)
+    data[data.find(b"\xff\xda") + 6] = 0x33  # the first scan component's DC/AC tables: 3, not defined
+    return bytes(data)
+
+
+def write_shards(samples, output_dir: str, shard_size: int, prefix: str, index: bool = True) -> list[str]:
+    """`samples` yields (key, {ext: bytes}); writes <prefix>-NNNNNN.tar (+ .idx unless `index` is
+    false); returns the tar paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths: list[str] = []
     tar = None
     for i, (key, components) in enumerate(samples):
         if i % shard_size == 0:
             if tar is not None:
-                _close(tar, paths[-1])
+                _close(tar, paths[-1], index)
             paths.append(os.path.join(output_dir, f"{prefix}-{len(paths):06d}.tar"))
             tar = tarfile.open(paths[-1], "w")
         for ext, data in components.items():
             add_file(tar, f"{key}.{ext}", data)
     if tar is not None:
-        _close(tar, paths[-1])
+        _close(tar, paths[-1], index)
     return paths
 
 
-def _close(tar: tarfile.TarFile, path: str) -> None:
+def _close(tar: tarfile.TarFile, path: str, index: bool) -> None:
     tar.close()
-    create_index(path, path[: -len(".tar")] + ".idx")
+    if index:
+        create_index(path, path[: -len(".tar")] + ".idx")
 
 
 def synthetic_samples(count: int, seed: int, classes: int = 1000):

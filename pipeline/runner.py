@@ -27,7 +27,7 @@ from pipeline.decode.dali import dali_available
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
 from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
-from pipeline.meter import Meter, write_metrics
+from pipeline.meter import Meter, metrics_name, write_metrics
 from pipeline.model import LoadedModel, compile_model, load_model
 from pipeline.sources import Builder
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
@@ -172,7 +172,7 @@ class Runner:
         context = f"model={p.metadata['model']} precision={p.precision} image_size={p.preprocess.crop_size}"
         self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
         self.decoder_name = p.settings.decoder
-        self._decoder, self._skipped = None, 0
+        self._decoder, self._skipped, self._todo = None, 0, 0
 
     def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.p.shards if s.error is None]
@@ -181,6 +181,7 @@ class Runner:
             self.decoder_name = choose_decoder(self.settings.decoder, todo)
             remove_success(self.layout)
         self._skipped = len(readable) - len(todo)
+        self._todo = len(todo)
         meter = Meter(sum(s.count for s in todo), self.p.device, self.settings.progress,
                       log_every_s=self.settings.log_every_s, on_refresh=self._running_metrics)
         stopped_by, decoder, fatal = None, None, None
@@ -201,7 +202,7 @@ class Runner:
         """Decode → score → write until the input ends or a signal arrives; returns the decoder."""
         p = self.p
         decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
-                               self.settings.loader, self.settings.oom.inject_decode_above)
+                               self.settings.loader, self.settings.oom)
         self._decoder = decoder
         items = iter(decoder)
         pending = None  # (rows, host copy of their outputs) of the batch before the one on the device
@@ -242,7 +243,8 @@ class Runner:
             "shards_failed": dict(sorted(writer.failed.items())), "rows_written": writer.rows_written,
             "status_counts": dict(writer.status_counts),
             "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
-            "decode_oom_events": getattr(decoder, "oom_events", 0), "auto_batch_table": p.auto_table,
+            "decode_oom_events": getattr(decoder, "oom_events", 0),
+            "dali_reference_decodes": getattr(decoder, "reference_decodes", 0), "auto_batch_table": p.auto_table,
             "log_every_s": self.settings.log_every_s,
         }
 
@@ -284,7 +286,11 @@ class Runner:
             # from planning (shard indexing included) to every file on disk
             "job_seconds": round(time.perf_counter() - p.started, 3), "finished_at": time.time(),
         }
-        log.info("metrics=%s", write_metrics(self.layout, p.rank, metrics))
+        if self._todo == 0 and not writer.failed and self.layout.exists(metrics_name(p.rank)):
+            # Nothing was scored (a rerun over a complete output): the runs that did the work keep their record.
+            log.info("nothing to score: this rank's metrics from the run that scored its shards are kept")
+        else:
+            log.info("metrics=%s", write_metrics(self.layout, p.rank, metrics))
         writer.close()
         status_counts: collections.Counter = collections.Counter()
         for done in writer.committed.values():

@@ -8,7 +8,6 @@ The size bookkeeping is `MicroBatchPolicy`, plain logic with no tensors.
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import torch
@@ -19,16 +18,6 @@ from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.settings import OomSettings
 
 log = logging.getLogger(__name__)
-
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_NOT_SUPPORTED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def is_oom(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, and the RuntimeErrors CPU/HIP/XPU allocators and cuDNN raise instead."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MESSAGES)
-
 
 def _as_dict(out) -> dict[str, torch.Tensor]:
     """Models from pipeline.model give {"output", "embedding"}; a bare module gives a tensor."""
@@ -113,8 +102,7 @@ class Scorer:
             out = self.try_forward(chunk)
             if out is None:
                 del chunk  # the failed input must be gone before the retry allocates again
-                gc.collect()
-                dev.empty_cache(self.device)
+                dev.release_memory(self.device)  # torch's cache and DALI's pool
                 size = self._halve(size)
                 continue
             outputs.append({name: value[:rows] for name, value in _as_dict(out).items()})
@@ -130,7 +118,7 @@ class Scorer:
                 self._maybe_inject(chunk.shape[0])
                 return self.module(chunk)
         except Exception as e:
-            if not is_oom(e):
+            if not dev.is_out_of_memory(e):
                 raise
             self._last_oom = " ".join(str(e).split())[:200]
         return None

@@ -107,16 +107,22 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class DaliSettings:
-    """Options of DALI's GPU (`mixed`) JPEG decoder; see fn.decoders.image. Not used on the CPU."""
+    """DALI's reading (windows of shards, mmap) and its GPU (`mixed`) JPEG decoder's options
+    (fn.decoders.image; not used on the CPU)."""
 
     hw_decoder_load: float = 0.9  # share of JPEGs for the hardware decoder (A100/H100), the rest on CUDA
     preallocate_width_hint: int = 0  # the largest image expected, so the hardware decoder allocates once
     preallocate_height_hint: int = 0
     device_memory_padding: int = 16 * 2**20  # per-thread nvJPEG buffers, bytes
     host_memory_padding: int = 8 * 2**20
+    jpeg_fancy_upsampling: bool = True  # chroma upsampling as libjpeg's default (what the CPU path does)
+    window_rows: int = 65536  # a reader reads consecutive shards until it holds this many samples …
+    window_bytes: int = 512 * 2**20  # … or this many bytes of tar: what one reader maps and indexes at once
+    mmap: bool = True  # the reader maps shards; false: reads them (DALI advises it on network file systems)
 
     def __post_init__(self):
         _check(0 <= self.hw_decoder_load <= 1, "loader.dali.hw_decoder_load must be in [0, 1]")
+        _check(self.window_rows >= 1 and self.window_bytes >= 1, "loader.dali.window_rows/window_bytes must be >= 1")
         _check(min(self.preallocate_width_hint, self.preallocate_height_hint, self.device_memory_padding,
                    self.host_memory_padding) >= 0, "loader.dali hints and paddings must be >= 0")
 

@@ -1,7 +1,8 @@
 """Shards: expand the user's patterns (local paths, or URLs: s3:// and any fsspec scheme, webdataset's
-`pipe:` and https://), make sure each has a DALI index file, count its samples, and pick this rank's share.
+`pipe:` and https://), make sure each has an index file (`pipeline.shard_index`), count its samples, and
+pick this rank's share.
 
-The index file (DALI's `wds2idx` format) is the single source of truth for which samples a shard
+The index file is the single source of truth for which samples a shard
 holds: both decoders produce exactly one row per index entry, and the writer expects that count. A
 remote shard's index is built by streaming the object once and kept in the local index cache, under a
 name made of its URL, size and ETag, so a replaced object is indexed again.
@@ -21,14 +22,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import braceexpand
-from wds2idx import IndexCreator
 
 from pipeline.errors import UserError
 from pipeline.layout import filesystem, is_remote, is_url, object_version, open_input
+from pipeline.shard_index import PLAIN_TAR, check_not_truncated, check_remote_size, create_index, read_index
 
 log = logging.getLogger(__name__)
 
-PLAIN_TAR = (".tar",)
 COMPRESSED_TAR = (".tar.gz", ".tgz")
 
 
@@ -48,16 +48,6 @@ class Shard:
     @property
     def is_remote(self) -> bool:
         return is_remote(self.path)
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """A shard's samples in tar order: each one's key and component extensions, and where its data ends."""
-
-    keys: list[str]
-    extensions: list[list[str]]
-    end: int  # the byte after the last component's data
-    spans: list[list[tuple[int, int]]] | None = None  # (offset, size) of each component, when asked for
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -246,156 +236,3 @@ def _indexed(path: str, name: str, idx: str, stale: bool, size: int | None = Non
         return Shard(path, name, index_path=idx, error=f"cannot index: {e}")
     extensions = frozenset(ext for exts in index.extensions for ext in exts)
     return Shard(path, name, index_path=idx, count=len(index.keys), extensions=extensions)
-
-
-class _IndexCreator(IndexCreator):
-    """wds2idx's index writer, listing the tar in-process instead of with two GNU tar processes: those cost
-    milliseconds per shard whatever its size, and GNU tar reports the block of a GNU long-name record
-    rather than of the member's own header, so data offsets come out wrong for paths over 100 bytes."""
-
-    def _get_data_tar(self):
-        if is_remote(self.uri):
-            with open_input(self.uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as archive:
-                yield from _members(archive)
-            return
-        if self.uri.endswith(PLAIN_TAR):
-            listed = _list_plain_tar(self.uri)
-            if listed is not None:
-                yield from listed
-                return
-        with tarfile.open(self.uri, "r:" if self.uri.endswith(PLAIN_TAR) else "r:*") as archive:
-            yield from _members(archive)
-
-    _get_data_tarfile = _get_data_tar  # what wds2idx calls instead where GNU tar is not installed
-
-
-def _members(archive: tarfile.TarFile):
-    for member in archive:
-        if member.isreg():
-            yield member.offset_data, member.name, member.size
-
-
-def _list_plain_tar(path: str) -> list[tuple[int, str, int]] | None:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return _list_ustar(f.read() if size <= WHOLE_READ_BYTES else _HeaderReads(f.fileno(), size))
-
-
-WHOLE_READ_BYTES = 1 << 20  # smaller tars are read at once; larger ones header by header
-
-
-class _HeaderReads:
-    """`bytes`-like slices of an open file, each one `pread`: the headers of a large tar without reading
-    the data between them (a memory map would crash the process if the file shrank meanwhile)."""
-
-    def __init__(self, fd: int, size: int):
-        self.fd, self.size = fd, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, span: slice) -> bytes:
-        return os.pread(self.fd, span.stop - span.start, span.start)
-
-
-_REGULAR = (b"0", b"\0", b"7")
-_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders: tarfile skips no data after them
-_ZERO_BLOCK = bytes(512)
-_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))  # mode … devminor
-
-
-def _octal(field: bytes) -> int:
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def _list_ustar(data) -> list[tuple[int, str, int]] | None:
-    """(data offset, name, size) of each regular file in `data` (bytes or `_HeaderReads`), exactly as
-    tarfile lists them, for the plain ustar headers shards are written with; None for anything else (pax
-    or GNU long-name records, numbers in base 256, a bad checksum, no end marker), which tarfile then
-    lists. tarfile spends ~50 µs of Python per member, most of a small shard's fixed cost."""
-    members, pos, end = [], 0, len(data)
-    while True:
-        header = data[pos:pos + 512]
-        if len(header) < 512:
-            return None  # no end marker: tarfile decides
-        if header == _ZERO_BLOCK:
-            return members
-        kind = header[156:157]
-        if (kind not in _REGULAR and kind not in _NO_DATA) or header[124] & 0x80 or header[148] & 0x80:
-            return None
-        try:
-            size, checksum = _octal(header[124:136]), _octal(header[148:156])
-            for start, stop in _OTHER_NUMBERS:  # tarfile rejects a header with any of them unreadable
-                if header[start] not in (0x80, 0xFF):
-                    _octal(header[start:stop])
-        except ValueError:
-            return None
-        if checksum != sum(header) - sum(header[148:156]) + 256:  # the field counts as eight spaces
-            return None
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-        if kind in _NO_DATA or (kind == b"\0" and name.endswith("/")):  # an old-style folder
-            pos += 512
-            continue
-        if pos + 512 + size > end:
-            return None
-        members.append((pos + 512, name, size))
-        pos += 512 + (size + 511) // 512 * 512
-
-
-def create_index(path: str, idx: str) -> None:
-    os.makedirs(os.path.dirname(idx), exist_ok=True)
-    tmp = f"{idx}.tmp-{os.getpid()}"
-    try:
-        with _IndexCreator(path, tmp, verbose=False) as creator:
-            creator.create_index()
-        os.replace(tmp, idx)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    log.debug("indexed shard=%s index=%s", path, idx)
-
-
-def read_index(idx: str, spans: bool = False) -> ShardIndex:
-    """The index file's samples; with `spans`, where each component's data lies in the tar too."""
-    keys: list[str] = []
-    extensions: list[list[str]] = []
-    where: list[list[tuple[int, int]]] = []
-    fields: list[str] = []
-    with open(idx) as f:
-        header = f.readline().split()
-        if len(header) != 2 or not header[0].startswith("v1."):
-            raise ValueError(f"{idx} is not a wds2idx index file")
-        for line in f:
-            fields = line.split()
-            if not fields or len(fields) % 4:
-                raise ValueError(f"malformed line in {idx}: {line.strip()[:80]}")
-            name = fields[3]  # the key is the name up to the first dot after the last slash
-            keys.append(name[: name.find(".", name.rfind("/") + 1)])
-            extensions.append(fields[0::4])
-            if spans:
-                where.append([(int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)])
-    if len(keys) != int(header[1]):
-        raise ValueError(f"{idx} lists {len(keys)} samples, its header says {header[1]}")
-    # Samples are listed in tar order, so the last one's components end last.
-    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), 4)), default=0)
-    return ShardIndex(keys, extensions, end, where if spans else None)
-
-
-def check_remote_size(end: int, size: int) -> None:
-    """A remote tar holds all its indexed data (its end marker is not fetched: that would cost a request)."""
-    if end > size:
-        raise ValueError(f"truncated tar: data runs to byte {end}, the object has {size}")
-
-
-def check_not_truncated(path: str, end: int) -> None:
-    """A complete tar holds all its indexed data and ends with the two zero blocks of its end marker."""
-    size = os.path.getsize(path)
-    if end > size:
-        raise ValueError(f"truncated tar: data runs to byte {end}, file has {size}")
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 1024))
-        if size < end + 1024 or f.read(1024).strip(b"\0"):
-            raise ValueError("truncated tar: no end-of-archive marker")

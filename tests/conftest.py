@@ -33,15 +33,22 @@ def shards(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is available and are skipped, saying so, everywhere else."""
+    """`gpu` tests run where CUDA is available and are skipped, saying so, everywhere else; tests of the
+    DALI decoder (marked `dali`, or given decoder "dali" as a parameter) where DALI imports."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device: the first-GPU checklist runs on a GPU node")
+    from pipeline.decode.dali import dali_available
+
+    no_gpu = pytest.mark.skip(reason="no CUDA device: the first-GPU checklist runs on a GPU node")
+    no_dali = pytest.mark.skip(reason="nvidia-dali does not import here")
+    has_dali = dali_available()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        params = getattr(item, "callspec", None)
+        uses_dali = "dali" in item.keywords or (params is not None and "dali" in params.params.values())
+        if uses_dali and not has_dali:
+            item.add_marker(no_dali)
 
 
 def png_bytes(array: np.ndarray, **kw) -> bytes:

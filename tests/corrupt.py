@@ -8,8 +8,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from pipeline.pack import add_file, encode_jpeg, synthetic_image
-from pipeline.shards import create_index
+from pipeline.pack import add_file, damage_scan, encode_jpeg, synthetic_image
+from pipeline.shard_index import create_index
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -33,6 +33,7 @@ def corrupt_samples(max_pixels_image_side: int = 400) -> list[tuple[str, dict[st
     samples = [
         ("good0", {"jpg": good["good0"], "cls": b"1"}, "ok"),
         ("truncated", {"jpg": encode_jpeg(photo)[: len(encode_jpeg(photo)) // 2]}, "decode_error"),
+        ("bad_scan", {"jpg": damage_scan(encode_jpeg(photo))}, "decode_error"),
         ("zero_bytes", {"jpg": b""}, "empty_image"),
         ("random_bytes", {"jpg": rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()}, "decode_error"),
         ("text_file", {"jpg": b"this is not an image\n" * 20}, "decode_error"),

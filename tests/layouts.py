@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.pack import add_file, encode_jpeg, synthetic_image
-from pipeline.shards import create_index
+from pipeline.shard_index import create_index
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

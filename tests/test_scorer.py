@@ -20,7 +20,8 @@ from pipeline.batch import Batch, Rows
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.runner import score
 from pipeline.outputs import Scores, TopK, compute_all
-from pipeline.scorer import MicroBatchPolicy, Scorer, is_oom
+from pipeline.scorer import MicroBatchPolicy, Scorer
+from pipeline.device import is_out_of_memory as is_oom
 from pipeline.settings import AutoBatchSettings, DataSettings, ModelSettings, OomSettings, OutputSettings, ScoreSettings
 
 
@@ -131,6 +132,27 @@ def test_failed_input_is_freed_before_the_retry():
     scorer_for(model, 16)(make_batch(16, 16))
     gc.collect()
     assert model.alive_at_retry and not any(model.alive_at_retry)
+
+
+def test_oom_releases_torchs_cache_and_dalis_pool(monkeypatch):
+    """On a GPU both torch's caching allocator and DALI's pool hold memory the retry needs."""
+    from pipeline import device as dev
+
+    released = []
+    monkeypatch.setattr(dev, "release_memory", lambda device: released.append(device))
+    scorer_for(OomAbove(limit=4), 16)(make_batch(16, 16))
+    assert released == [torch.device("cpu")] * 2  # 16 → 8 → 4: two retries, each after a release
+
+
+def test_batch_size_auto_releases_the_sweeps_memory(monkeypatch):
+    from pipeline import autobatch, device as dev
+
+    released = []
+    monkeypatch.setattr(dev, "release_memory", lambda device: released.append(device))
+    settings = ScoreSettings(data=DataSettings(shards="x"), output=OutputSettings(dir="y"),
+                             auto=AutoBatchSettings(max_batch_size=4, repeats=1))
+    chosen, table = autobatch.choose_batch_size(OomAbove(limit=100), 4, torch.float32, torch.device("cpu"), settings)
+    assert chosen in (1, 2, 4) and len(table) == 3 and released == [torch.device("cpu")]
 
 
 def test_micro_batch_regrows_when_memory_is_back():

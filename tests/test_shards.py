@@ -13,8 +13,8 @@ import tarfile
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.shards import (_HeaderReads, _list_ustar, assign_to_rank, create_index, expand_shards, index_path_for,
-                             open_shard, read_index)
+from pipeline.shard_index import _HeaderReads, _list_ustar, create_index, read_index
+from pipeline.shards import assign_to_rank, expand_shards, index_path_for, open_shard
 
 
 def test_every_spec_form_expands_to_the_same_sorted_paths(shards, tmp_path):

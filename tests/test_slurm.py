@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ROOT, TINY, small_jpegs
 from pipeline.pack import write_shards
-from pipeline.shards import read_index
+from pipeline.shard_index import read_index
 
 pytestmark = pytest.mark.slurm
 NEEDS_ROOT = "the Slurm test cluster needs root (slurm/cluster.sh starts munged, slurmctld and slurmd)"

@@ -1,6 +1,6 @@
 """`jobs.bench`: how fast is the model alone (mode=sweep), how close does the whole job get to its
-ceilings (mode=e2e), and what does the pipeline itself cost per row and per shard when decoding and
-the model are made nearly free (mode=overhead)? The settings and the dispatch live here; each mode has
+ceilings (mode=e2e), what does the pipeline itself cost per row and per shard when decoding and
+the model are made nearly free (mode=overhead), and does a rank's memory stay flat (mode=memory)? The settings and the dispatch live here; each mode has
 its module, and `report` draws their tables and plots.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import EXIT_FAILED, EXIT_OK, UserError
 from pipeline.settings import PRECISIONS, ScoreSettings
 
-MODES = ("sweep", "e2e", "overhead")
+MODES = ("sweep", "e2e", "overhead", "memory")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
 OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch", "score_dali_embedding")
 
@@ -53,7 +53,8 @@ class OverheadSettings:
     shard_cost: bool = True  # also time whole processes over few big and many small shards
     shard_cost_rows: int = 4000
     shard_cost_layouts: tuple[int, ...] = (4, 400)  # shard counts the rows are split into
-    corrupt_cost: bool = True  # also: what one truncated JPEG costs DALI in a batch of 256 photos
+    shard_cost_nofile: int | None = None  # the open-file limit of those processes (ulimit -n), e.g. 1024
+    corrupt_cost: bool = True  # also: what one corrupt JPEG costs DALI in a batch of 256 photos
     storage_cost: bool = False  # also: the few-shards layout read from a local S3 server vs local disk (needs moto)
     extra: tuple[str, ...] = ()  # more jobs.score overrides for the score_* runs, e.g. [loader.threads=1]
 
@@ -70,6 +71,25 @@ class OverheadSettings:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """mode=memory: one rank's memory over few and many img2dataset-style shards."""
+
+    shard_counts: tuple[int, ...] = (10, 100)
+    rows_per_shard: int = 10000
+    image_size: int = 24
+    batch_size: int = 1024
+    decoders: tuple[str, ...] = ("dali", "torch")
+    interval_s: float = 0.1  # how often the process tree's memory is read
+    extra: tuple[str, ...] = ()  # more jobs.score overrides
+
+    def __post_init__(self):
+        _check(len(self.shard_counts) == 2 and min(self.shard_counts) >= 1, "bench.memory.shard_counts must be two counts")
+        _check(self.rows_per_shard >= 1 and self.image_size >= 8 and self.batch_size >= 1,
+               "bench.memory.rows_per_shard, image_size (>= 8) and batch_size must be positive")
+        _check(set(self.decoders) <= {"dali", "torch"} and self.decoders, "bench.memory.decoders: dali and/or torch")
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     """The `bench:` node of conf/bench.yaml."""
 
@@ -81,6 +101,7 @@ class BenchSettings:
     tolerance: float = 0.03
     e2e: E2ESettings = field(default_factory=E2ESettings)
     overhead: OverheadSettings = field(default_factory=OverheadSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     def __post_init__(self):
         _check(bool(self.out_dir), "bench.out_dir is required")
@@ -106,6 +127,11 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=No
         from pipeline.bench.overhead import run_overhead
 
         run_overhead(settings, bench)
+        return EXIT_OK
+    if mode == "memory":
+        from pipeline.bench.memory import run_memory
+
+        run_memory(settings, bench)
         return EXIT_OK
     from pipeline.bench.e2e import run_e2e
 

@@ -156,7 +156,7 @@ def decode_only(run: E2ERun, decoder_name: str = "dali", keep: bool = False) -> 
     rules, preprocess = run.plan.rules, run.plan.preprocess
     s = run.settings
     decoder = make_decoder(decoder_name, run.shards, rules, preprocess, run.batch_size, run.device, run.dtype,
-                           s.loader)
+                           s.loader, s.oom)
     meter, kept = run.meter(), []
     try:
         for item in decoder:

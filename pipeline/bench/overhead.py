@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,7 +38,7 @@ from PIL import Image
 from pipeline.bench import BenchSettings
 from pipeline.bench.report import format_overhead_table, write_json
 from pipeline.cluster import cpus_available
-from pipeline.pack import encode_jpeg, synthetic_image, write_shards
+from pipeline.pack import damage_scan, encode_jpeg, synthetic_image, write_shards
 from pipeline.settings import ScoreSettings
 
 log = logging.getLogger(__name__)
@@ -95,16 +96,16 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
 
 
 def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 256) -> dict:
-    """What one truncated JPEG costs the DALI decoder in a batch of `batch` photo-like images: the same
-    batch decoded clean and with one image cut in half (its header intact, so only decoding finds it),
-    interleaved over rounds; the difference of the medians."""
+    """What one corrupt JPEG costs the DALI decoder in a batch of `batch` photo-like images: the same
+    batch decoded clean and with one image whose scan is damaged (every check on its bytes passes, so
+    only decoding finds it), interleaved over rounds; the difference of the medians."""
     from pipeline.decode import Preprocess, SampleRules, make_decoder
     from pipeline.shards import open_shard
 
     rng = np.random.default_rng(1)
     images = [encode_jpeg(synthetic_image(rng)) for _ in range(batch)]
     cut = list(images)
-    cut[batch // 3] = cut[batch // 3][: len(cut[batch // 3]) // 2]
+    cut[batch // 3] = damage_scan(cut[batch // 3])
     shards = {}
     for name, data in (("clean", images), ("one-cut", cut)):
         folder = os.path.join(root, f"corrupt-{name}")
@@ -118,7 +119,8 @@ def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 2
     seconds: dict[str, list[float]] = {name: [] for name in shards}
     for _ in range(rounds):
         for name, shard in shards.items():
-            decoder = make_decoder("dali", [shard], rules, preprocess, batch, torch.device("cpu"), torch.float32, loader)
+            decoder = make_decoder("dali", [shard], rules, preprocess, batch, torch.device("cpu"), torch.float32, loader,
+                                   settings.oom)
             start = time.perf_counter()
             bad = sum(b.rows.status.count("decode_error") for b in decoder)
             seconds[name].append(time.perf_counter() - start)
@@ -128,7 +130,7 @@ def corrupt_cost(root: str, settings: ScoreSettings, rounds: int, batch: int = 2
     result = {"batch": batch, "seconds_clean": round(clean, 3), "seconds_one_corrupt": round(cut_s, 3),
               "seconds_per_corrupt_image": round(cut_s - clean, 3), "image_size": f"{preprocess.resize_size}px",
               "rounds": {k: [round(v, 3) for v in vals] for k, vals in seconds.items()}}
-    print(f"corrupt image at B={batch}: {clean:.2f} s clean, {cut_s:.2f} s with one truncated JPEG → "
+    print(f"corrupt image at B={batch}: {clean:.2f} s clean, {cut_s:.2f} s with one damaged JPEG → "
           f"{cut_s - clean:.2f} s per corrupt image", flush=True)
     return result
 
@@ -183,13 +185,15 @@ class JobRunner:
                 "model.std=[0.5,0.5,0.5]", "model.interpolation=bilinear", f"batch_size={o.batch_size}",
                 "precision=fp32", "device=cpu", f"decoder={decoder}", "progress=false", *self.loader, *o.extra]
 
-    def run(self, args: list[str], name: str, env: dict | None = None) -> tuple[float, float]:
-        """(wall seconds, peak RSS MB) of one jobs.score process; raises when it fails."""
+    def run(self, args: list[str], name: str, env: dict | None = None, nofile: int | None = None) -> tuple[float, float]:
+        """(wall seconds, peak RSS MB) of one jobs.score process (under an open-file limit `nofile`);
+        raises when it fails."""
         log_path = os.path.join(self.root, "logs", f"{name}.log")
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
         with open(log_path, "w") as out:
             start = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=self.root, env={**os.environ, **(env or {})})
+                                    cwd=self.root, env={**os.environ, **(env or {})}, preexec_fn=limit)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -215,7 +219,8 @@ class JobRunner:
             os.remove(idx)
         out = os.path.join(self.root, f"out-{name}")
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = self.run([*self.args(folder, out, decoder, shards=shards), *extra], name, env)
+        wall, rss = self.run([*self.args(folder, out, decoder, shards=shards), *extra], name, env,
+                             self.o.shard_cost_nofile)
         metrics = read_rank_metrics(out)
         shutil.rmtree(out, ignore_errors=True)
         return {"wall_seconds": round(wall, 3), "job_seconds": metrics.get("job_seconds"), "peak_rss_mb": round(rss),

@@ -57,13 +57,14 @@ def choose_decoder(name: str, shards: list[Shard]) -> str:
 
 
 def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, inject_oom_above: int | None = None):
-    """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options)."""
+                 device: torch.device, dtype: torch.dtype, loader, oom):
+    """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options),
+    `oom` OomSettings (regrowth of the decode batch, injected errors)."""
     if name == "dali":
         from pipeline.decode.dali import DaliDecoder as cls
     else:
         from pipeline.decode.torch import TorchDecoder as cls
-    return cls(shards, rules, preprocess, batch_size, device, dtype, loader, inject_oom_above)
+    return cls(shards, rules, preprocess, batch_size, device, dtype, loader, oom)
 
 
 __all__ = ["Preprocess", "SampleRules", "choose_decoder", "make_decoder"]

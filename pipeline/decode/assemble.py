@@ -7,6 +7,7 @@ the same uint8 crop gives the same model input in both.
 
 from __future__ import annotations
 
+import bisect
 import math
 import queue
 import threading
@@ -43,7 +44,8 @@ class Preprocess:
 
 class Normalizer:
     """uint8 crops → the model's input: (x - mean) / std in the model dtype, written into a batch tensor
-    of exactly `batch_size` rows (channels_last). Placeholder and padding rows are zeros."""
+    of exactly `batch_size` rows (channels_last). Placeholder and padding rows are zeros. (`place` takes
+    images DALI has normalised already.)"""
 
     def __init__(self, batch_size: int, preprocess: Preprocess, device: torch.device, dtype: torch.dtype):
         self.batch_size, self.size, self.device, self.dtype = batch_size, preprocess.crop_size, device, dtype
@@ -68,6 +70,27 @@ class Normalizer:
             self._normalize(crops, target)
             images[:n].index_copy_(0, positions, target)
         return images
+
+    def place(self, images: torch.Tensor | None, positions: torch.Tensor | None, rows: int,
+              owned: bool = False) -> torch.Tensor:
+        """A batch tensor holding images already normalised (NHWC [n, S, S, 3], as DALI gives them) at
+        `positions` (None: rows 0…n-1); the other rows are zeros. A full batch the caller owns, in the
+        model's dtype, is used as it is (no copy)."""
+        nchw = None if images is None else images.permute(0, 3, 1, 2)  # channels_last strides, no copy
+        n = 0 if nchw is None else nchw.shape[0]
+        if owned and positions is None and n == self.batch_size and nchw.dtype == self.dtype:
+            return nchw
+        batch = torch.empty((self.batch_size, 3, self.size, self.size), dtype=self.dtype, device=self.device,
+                            memory_format=torch.channels_last)
+        if positions is None:
+            if n:
+                batch[:n].copy_(nchw)
+            batch[n:].zero_()
+            return batch
+        batch.zero_()
+        if n:
+            batch[:rows].index_copy_(0, positions, nchw.to(self.dtype))
+        return batch
 
     def _normalize(self, crops: torch.Tensor, out: torch.Tensor) -> None:
         if out.dtype == torch.float32:
@@ -109,6 +132,70 @@ class BatchAssembler:
         batch = Batch(self.normalizer.batch(dev.to_device(crops, device)), self._rows, dev.record_event(device))
         self._rows, self._crops, self._count = Rows(), [], 0
         return batch
+
+
+class DecodedAssembler:
+    """Fills fixed-size batches from pieces of rows with their images already normalised (NHWC, for the
+    rows at `positions`, None: all rows), as DALI's decode batches give them. A piece that fills a batch
+    alone becomes it directly; shorter ones (the last reader batch of a window of shards) are stitched
+    with the next, so padding is only ever at the end of the run."""
+
+    def __init__(self, normalizer: Normalizer, owned: bool):
+        self.normalizer = normalizer
+        self.batch_size = normalizer.batch_size
+        self.owned = owned  # do pieces' images stay valid (CUDA), or are they views DALI reuses (CPU)?
+        self._pieces: list[tuple[Rows, torch.Tensor | None, list[int] | None]] = []
+        self._count = 0
+
+    def add(self, rows: Rows, images: torch.Tensor | None, positions: list[int] | None) -> Iterator[Batch]:
+        if not self._pieces and len(rows) == self.batch_size:
+            yield self._batch([(rows, images, positions)])
+            return
+        while len(rows):
+            take = min(self.batch_size - self._count, len(rows))
+            head, (rows, images, positions) = _split(rows, images, positions, take)
+            self._pieces.append(head)
+            self._count += take
+            if self._count == self.batch_size:
+                yield self._batch(self._pieces)
+                self._pieces, self._count = [], 0
+        if self._pieces and not self.owned:  # kept past DALI's next run: copy out of its buffer
+            self._pieces = [(r, None if i is None else i.clone(), p) for r, i, p in self._pieces]
+
+    def flush(self) -> Iterator[Batch]:
+        """The padded tail batch, if any rows are left."""
+        if self._pieces:
+            yield self._batch(self._pieces)
+            self._pieces, self._count = [], 0
+
+    def _batch(self, pieces) -> Batch:
+        device = self.normalizer.device
+        if len(pieces) == 1:
+            rows, images, positions = pieces[0]
+            index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
+            batch = self.normalizer.place(images, index, len(rows), owned=self.owned)
+        else:
+            rows, kept, where, offset = Rows(), [], [], 0
+            for piece_rows, images, positions in pieces:
+                rows.extend(piece_rows)
+                if images is not None and images.shape[0]:
+                    kept.append(images)
+                    where += [offset + p for p in (positions if positions is not None else range(len(piece_rows)))]
+                offset += len(piece_rows)
+            index = dev.to_device(torch.tensor(where, dtype=torch.long), device)
+            batch = self.normalizer.place(torch.cat(kept) if kept else None, index, len(rows))
+        return Batch(batch, rows, dev.record_event(device))
+
+
+def _split(rows: Rows, images, positions, k: int):
+    """(the first k rows of a piece, the rest), each with its images and positions."""
+    if k == len(rows):
+        return (rows, images, positions), (Rows(), None, None)
+    where = list(range(len(rows))) if positions is None else positions
+    m = bisect.bisect_left(where, k)
+    head = (rows.slice(0, k), None if images is None else images[:m], where[:m])
+    tail = (rows.slice(k, len(rows)), None if images is None else images[m:], [p - k for p in where[m:]])
+    return head, tail
 
 
 _DONE = object()

@@ -1,25 +1,26 @@
 """NVIDIA DALI back-end: `fn.readers.webdataset` reads the shards, `fn.decoders.image` decodes.
 
-Two pipelines. One reader streams every shard of this rank in order, as raw bytes, and Python checks
-each sample's header in place (`dali_read`); the good ones go to the decode pipeline (`dali_decode`),
-which decodes, resizes and crops while Python reads and checks the next batch. Device `mixed` (nvJPEG,
-output stays on the GPU) on CUDA, `cpu` otherwise: the same code.
+Two pipelines. A reader streams this rank's shards in order, a window of shards at a time, as raw bytes,
+and Python checks each sample's header in place (`dali_read`); the good ones go to the decode pipeline
+(`dali_decode`), which decodes, resizes, crops and normalises two batches at a time while Python reads and
+checks the next. Device `mixed` (nvJPEG, output stays on the GPU) on CUDA, `cpu` otherwise: the same code.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
-from pipeline import device as dev
-from pipeline.batch import Batch, ShardFailure
-from pipeline.decode.assemble import BackgroundBatches, Normalizer, Preprocess
+from pipeline.batch import Batch, Rows, ShardFailure
+from pipeline.decode.assemble import BackgroundBatches, DecodedAssembler, Normalizer, Preprocess
 from pipeline.decode.dali_decode import DecodeStage
 from pipeline.decode.dali_read import Checked, checked_batches
 from pipeline.decode.samples import SampleRules
 from pipeline.shards import Shard
 
+IN_FLIGHT = 2  # decode batches in DALI at once: the next one's host work overlaps this one's device work
 
 def dali_available() -> bool:
     try:
@@ -33,7 +34,7 @@ class DaliDecoder:
     """Yields fixed-size Batches (and ShardFailures) for `shards`, in shard order."""
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, inject_oom_above: int | None = None):
+                 device: torch.device, dtype: torch.dtype, loader, oom):
         self.shards = shards
         self.rules = rules
         self.preprocess = preprocess
@@ -41,9 +42,9 @@ class DaliDecoder:
         self.device = device
         self.dtype = dtype
         self.loader = loader
+        self.oom = oom
         self._stage: DecodeStage | None = None
-        self._counts = (0, 0)  # (fallbacks, oom_events) once the stage is gone
-        self._inject_oom_above = inject_oom_above
+        self._counts = {"fallbacks": 0, "oom_events": 0, "reference_decodes": 0}  # once the stage is gone
         self._background = BackgroundBatches(self._produce, loader.prefetch, device)
 
     def __iter__(self) -> Iterator[Batch | ShardFailure]:
@@ -54,52 +55,57 @@ class DaliDecoder:
         # The decoder and its thread refer to each other; left to the cycle collector, a DALI pipeline
         # can be destroyed inside a process forked later (a DataLoader worker) and hang there.
         if self._stage is not None:
-            self._counts = (self._stage.fallbacks, self._stage.oom_events)
+            self._counts = {name: getattr(self._stage, name) for name in self._counts}
         self._stage = None
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
         normalizer = Normalizer(self.batch_size, self.preprocess, self.device, self.dtype)
-        self._stage = stage = DecodeStage(self.preprocess, self.batch_size, self.device, self.loader,
-                                           self._inject_oom_above)
-        in_flight: Checked | None = None
-        for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader.threads, stopped):
+        assembler = DecodedAssembler(normalizer, owned=self.device.type == "cuda")
+        self._stage = stage = DecodeStage(self.preprocess, self.batch_size, self.device, self.dtype, self.loader,
+                                          self.oom)
+        in_flight: deque[Checked] = deque()
+        for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader, stopped):
             if isinstance(item, ShardFailure):
                 yield item
                 continue
-            # `item` was read and checked while DALI decoded the batch in flight.
-            if in_flight is not None:
-                yield self._finish(in_flight, normalizer)
+            # `item` was read and checked while DALI decoded the batches in flight.
             if item.encoded is not None:
-                stage.start(item.encoded)
-            in_flight = item
-        if in_flight is not None:
-            yield self._finish(in_flight, normalizer)
+                item.token = stage.start(item.encoded)
+            in_flight.append(item)
+            if len(in_flight) == IN_FLIGHT:
+                yield from assembler.add(*self._finish(in_flight.popleft()))
+        while in_flight:
+            yield from assembler.add(*self._finish(in_flight.popleft()))
+        yield from assembler.flush()
 
-    def _finish(self, item: Checked, normalizer: Normalizer) -> Batch:
-        positions = item.positions
+    def _finish(self, item: Checked) -> tuple[Rows, torch.Tensor | None, list[int] | None]:
+        """The item's rows, its decoded images and the rows they belong to (None: all)."""
         if item.encoded is None:
-            crops = torch.empty((0, 3, self.preprocess.crop_size, self.preprocess.crop_size), dtype=torch.uint8,
-                                device=self.device)
-        else:
-            crops, failed = self._stage.finish(item.encoded)
-            if failed:
-                positions = positions if positions is not None else list(range(len(item.rows)))
-                for i in failed:
-                    item.rows.mark(positions[i], "decode_error", "corrupt or truncated image data (DALI)")
-                bad = set(failed)
-                positions = [p for i, p in enumerate(positions) if i not in bad]
-        index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), self.device)
-        images = normalizer.batch(crops, index, rows=len(item.rows))
-        return Batch(images, item.rows, dev.record_event(self.device))
+            return item.rows, None, []
+        images, failed = self._stage.finish(item.token, item.encoded)
+        positions = item.positions
+        if failed:
+            positions = positions if positions is not None else list(range(len(item.rows)))
+            for i in failed:
+                item.rows.mark(positions[i], "decode_error", "corrupt image data (DALI's CPU decoder fails on it)")
+            bad = set(failed)
+            positions = [p for i, p in enumerate(positions) if i not in bad]
+        return item.rows, images, positions
+
+    def _count(self, name: str) -> int:
+        return getattr(self._stage, name) if self._stage else self._counts[name]
 
     @property
     def fallbacks(self) -> int:
-        """Decode batches that failed and were searched in parts for their bad images."""
-        return self._stage.fallbacks if self._stage else self._counts[0]
+        """Decode batches that failed on something other than memory, their images judged one by one."""
+        return self._count("fallbacks")
 
     @property
     def oom_events(self) -> int:
         """Out-of-memory errors while decoding (each retried with memory released)."""
-        return self._stage.oom_events if self._stage else self._counts[1]
+        return self._count("oom_events")
 
-
+    @property
+    def reference_decodes(self) -> int:
+        """Images the main decoder failed on and DALI's CPU decoder decoded (on a GPU: used in their place)."""
+        return self._count("reference_decodes")

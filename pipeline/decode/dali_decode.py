@@ -1,173 +1,324 @@
-"""DALI's side of decoding: `fn.decoders.image` (nvJPEG on CUDA through `mixed`, libjpeg-turbo and
-friends on the CPU), then resize and crop, for batches of encoded images fed from Python, one in flight.
+"""DALI's side of decoding: `fn.decoders.image` (nvJPEG through `mixed` on CUDA; libjpeg-turbo and friends
+on the CPU), resize and crop, and normalisation into the model's dtype and layout, all inside DALI, for
+batches of encoded images fed from Python, two in flight.
 
-When DALI fails, the pipeline is rebuilt and the same images are decoded again: after an out-of-memory
-error with memory released and in smaller decode batches, never written as a bad image; after any
-other error in parts, so an image is `decode_error` only when it fails alone.
+A batch that fails is never a reason to rebuild the pipeline (DALI runs on after an error; one that does
+not is rebuilt): after an out-of-memory error, memory is released and the same images are decoded again
+in smaller decode batches, and never written as bad images; after any other error, the images DALI names
+are judged by a CPU decode pipeline built once and kept, the reference: an image is `decode_error` only
+when it fails there alone.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+from collections import deque
 
+import numpy as np
 import torch
 
 from pipeline import device as dev
 from pipeline.decode.assemble import Preprocess
 from pipeline.decode.samples import one_line
 from pipeline.errors import OutOfMemoryAtOneRow
-from pipeline.scorer import MicroBatchPolicy, is_oom
+from pipeline.scorer import MicroBatchPolicy
 
 log = logging.getLogger(__name__)
 
 INTERP = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
-
-
-class DecodeStage:
-    """The decode pipeline: encoded images → uint8 crops [n, 3, S, S] on the device, one batch in flight.
-
-    `start` feeds a batch and returns at once; `finish` waits for it. When DALI fails, the pipeline is
-    rebuilt (the old one released first) and the same images are decoded again: after an out-of-memory
-    error with memory released and in decode batches half the size (regrowing later, as the model's
-    micro-batch does); after any other error by decoding it in parts, so an image is `decode_error` only
-    when it fails alone.
-    """
-
-    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, loader,
-                 inject_oom_above: int | None):
-        self.preprocess, self.batch_size, self.device, self.loader = preprocess, batch_size, device, loader
-        self.policy = MicroBatchPolicy(batch_size, regrow_after=50)
-        self.fallbacks = 0
-        self.oom_events = 0
-        self._inject_oom_above = inject_oom_above
-        self._pipe = None
-        self._started = False
-        self._rebuild()
-
-    def start(self, encoded) -> None:
-        if len(encoded) <= self.policy.next_size():  # else `finish` decodes it in smaller batches
-            self._run(encoded)
-            self._started = True
-
-    def finish(self, encoded) -> tuple[torch.Tensor, list[int]]:
-        """(crops of the images that decoded, in order; indices into `encoded` of those that failed alone)."""
-        if self._started:
-            self._started = False
-            try:
-                crops = self._outputs(len(encoded))
-                self.policy.on_batch_done()
-                return crops, []
-            except RuntimeError as e:
-                try:
-                    self._after_error(e, len(encoded))
-                except _OutOfMemory:
-                    self._shrink(len(encoded))
-        results = self._decode_in_batches(list(encoded))
-        failed = [i for i, r in enumerate(results) if r is None]
-        good = [r for r in results if r is not None]
-        if failed:
-            self.fallbacks += 1
-        self.policy.on_batch_done()
-        if not good:
-            return torch.empty((0, 3, self.preprocess.crop_size, self.preprocess.crop_size), dtype=torch.uint8,
-                               device=self.device), failed
-        return torch.cat(good), failed
-
-    def _decode_in_batches(self, items: list) -> list[torch.Tensor | None]:
-        """Per item its crop [1, 3, S, S], or None when it fails alone; decode batches shrink on OOM."""
-        results: list[torch.Tensor | None] = []
-        start = 0
-        while start < len(items):
-            size = self.policy.next_size()
-            chunk = items[start : start + size]
-            try:
-                results += self._search(chunk)
-            except _OutOfMemory:
-                self._shrink(len(chunk))
-                continue
-            start += len(chunk)
-        return results
-
-    def _shrink(self, size: int) -> None:
-        """Halve the decode batch after an out-of-memory error at `size` images; at one image, give up."""
-        try:
-            self.policy.on_oom(size)
-        except OutOfMemoryAtOneRow:
-            raise OutOfMemoryAtOneRow(f"out of memory decoding a single image on {self.device}") from None
-
-    def _search(self, items: list) -> list[torch.Tensor | None]:
-        """Decode `items`; if that fails, decode them in √n groups and search the groups that fail. One
-        bad image in 256 costs about twice the batch's decoding and three failed runs (halving would
-        cost three times the decoding and eight failed runs, each followed by a pipeline rebuild)."""
-        try:
-            self._run(items)
-            return list(self._outputs(len(items)).split(1))
-        except RuntimeError as e:
-            self._after_error(e, len(items))
-        if len(items) == 1:
-            return [None]
-        size = math.isqrt(len(items))  # < len(items) from 2 on
-        return [crop for start in range(0, len(items), size) for crop in self._search(items[start : start + size])]
-
-    def _run(self, encoded) -> None:
-        self._pipe.feed_input("encoded", encoded)
-        self._pipe.schedule_run()
-
-    def _outputs(self, count: int) -> torch.Tensor:
-        (out,) = self._pipe.outputs()
-        if self._inject_oom_above is not None and count > self._inject_oom_above:
-            raise torch.OutOfMemoryError(f"out of memory (injected: decoding {count} images > "
-                                         f"oom.inject_decode_above={self._inject_oom_above})")
-        return to_torch(out.as_tensor(), self.device).permute(0, 3, 1, 2)
-
-    def _after_error(self, error: RuntimeError, count: int) -> None:
-        """Rebuild the pipeline; raise _OutOfMemory if the error was one, so the caller retries smaller."""
-        log.debug("DALI decode of %d images failed: %s", count, one_line(error))
-        oom = is_oom(error) or any(m in str(error) for m in DALI_OOM_MESSAGES)
-        self._rebuild(release_memory=oom)
-        if oom:
-            self.oom_events += 1
-            log.warning("out of memory decoding %d images on %s; memory released, retrying them", count, self.device)
-            raise _OutOfMemory() from None
-        if count > 1:
-            log.warning("DALI failed to decode a batch of %d images; decoding it in parts to find the bad ones", count)
-
-    def _rebuild(self, release_memory: bool = False) -> None:
-        """A failed DALI pipeline is not reusable: drop it (and its decoder buffers; after an out-of-memory
-        error also what torch's and DALI's allocators cache) before building a new one."""
-        self._pipe = None
-        if release_memory:
-            dev.release_memory(self.device)
-        self._pipe = _build_decode_pipeline(self.preprocess, self.batch_size, self.device, self.loader)
-
-
-DALI_OOM_MESSAGES = ("CUDA allocation failed", "bad_alloc", "cudaErrorMemoryAllocation", "out of memory")
+# Python's view of a failed DALI run: RuntimeError; std::bad_alloc may come through as MemoryError.
+DECODE_ERRORS = (RuntimeError, MemoryError)
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample #(\d+)")  # nvImageCodec's per-sample failure, DALI's words
 
 
 class _OutOfMemory(Exception):
     pass
 
 
-def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device, loader):
+class DecodeStage:
+    """Encoded images → model inputs [n, S, S, 3] (NHWC: channels_last once permuted) on the device.
+
+    `start` feeds a batch and returns at once; `finish` (in the same order) returns its images and the
+    indices of those that fail alone. Two batches are in flight when the caller starts the next before
+    finishing this one, so DALI's host work on the next batch overlaps the device work on this one."""
+
+    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader,
+                 oom):
+        self.preprocess, self.batch_size, self.device, self.dtype, self.loader = (preprocess, batch_size, device,
+                                                                                  dtype, loader)
+        self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
+        self.fallbacks = 0  # batches that failed and had their images judged one by one
+        self.oom_events = 0
+        self.reference_decodes = 0  # images the main decoder failed and the CPU reference decoded
+        self._inject_oom_above = oom.inject_decode_above
+        self._pipe = DecodePipeline(preprocess, batch_size, device, dtype, loader)
+        self._reference: DecodePipeline | None = None  # built when a batch first fails, then kept
+        self._queued: deque[int] = deque()  # tokens of the batches running in DALI, in order
+        self._results: dict[int, object] = {}  # outputs taken out of DALI early: a tensor or the error
+        self._next_token = 0
+
+    def start(self, encoded) -> int:
+        token, self._next_token = self._next_token, self._next_token + 1
+        if len(encoded) <= self.policy.next_size():  # else `finish` decodes it in smaller batches
+            self._pipe.feed(encoded)
+            self._queued.append(token)
+        return token
+
+    def finish(self, token: int, encoded) -> tuple[torch.Tensor, list[int]]:
+        """(images of those that decoded, in order; indices into `encoded` of those that failed alone)."""
+        result = self._take(token)
+        if isinstance(result, torch.Tensor):
+            self.policy.on_batch_done()
+            return result, []
+        error = None
+        if result is not None:  # DALI failed on the whole batch
+            self._drain()  # DALI's queue must be empty before any image runs again
+            if dev.is_out_of_memory(result):
+                self._on_oom(len(encoded), result)
+            else:
+                self.fallbacks += 1
+                error = result
+        results = self._decode_in_batches(list(encoded), error)
+        self.policy.on_batch_done()
+        failed = [i for i, r in enumerate(results) if r is None]
+        good = [r for r in results if r is not None]
+        return (torch.cat(good) if good else self._pipe.empty()), failed
+
+    # --- taking outputs out of DALI, in order --------------------------------------------------------
+
+    def _take(self, token: int):
+        """The output of batch `token` (the oldest one running): a tensor, the error DALI raised for it,
+        or None if it never ran."""
+        if token in self._results:
+            return self._results.pop(token)
+        if not self._queued or self._queued[0] != token:
+            return None
+        self._queued.popleft()
+        return self._output()
+
+    def _drain(self) -> None:
+        """Take every batch still running out of DALI; their outputs wait for their `finish`."""
+        while self._queued:
+            self._results[self._queued.popleft()] = self._own(self._output())
+
+    def _own(self, output):
+        """An output that stays valid after DALI runs again (on the CPU, outputs are views of its buffers)."""
+        return output.clone() if isinstance(output, torch.Tensor) and self.device.type == "cpu" else output
+
+    def _output(self):
+        try:
+            images = self._pipe.output()
+            if self._inject_oom_above is not None and images.shape[0] > self._inject_oom_above:
+                raise torch.OutOfMemoryError(f"out of memory (injected: decoding {images.shape[0]} images > "
+                                             f"oom.inject_decode_above={self._inject_oom_above})")
+            return images
+        except (*DECODE_ERRORS, torch.OutOfMemoryError) as e:
+            log.debug("DALI decode failed: %s", one_line(e))
+            return e
+
+    # --- decoding again, after an error ---------------------------------------------------------------
+
+    def _decode_in_batches(self, items: list, error: BaseException | None = None) -> list[torch.Tensor | None]:
+        """Per item its image [1, S, S, 3], or None when it fails alone; decode batches shrink on OOM.
+        `error`: what DALI raised for all of `items` already, so the first try is not run again."""
+        results: list[torch.Tensor | None] = []
+        while len(results) < len(items):
+            chunk = items[len(results): len(results) + self.policy.next_size()]
+            try:
+                results += self._decode_chunk(chunk, error if len(chunk) == len(items) else None)
+            except _OutOfMemory:
+                pass
+            error = None
+        return results
+
+    def _decode_chunk(self, chunk: list, error: BaseException | None) -> list[torch.Tensor | None]:
+        """Decode `chunk` on the main pipeline; an image DALI names as failed is judged by the reference
+        decoder and left out of the next try. Raises _OutOfMemory (the decode batch halved) when memory ran out."""
+        results: list[torch.Tensor | None] = [None] * len(chunk)
+        todo = list(range(len(chunk)))
+        misses = 0
+        while todo:
+            if error is not None:
+                output, error = error, None
+            else:
+                self._pipe.feed([chunk[i] for i in todo])
+                output = self._own(self._output())
+            if isinstance(output, torch.Tensor):
+                for i, image in zip(todo, output.split(1)):
+                    results[i] = image
+                return results
+            if dev.is_out_of_memory(output):
+                self._shrink(len(todo), output)
+            self._pipe.ensure_usable()
+            named = _failed_sample(output, len(todo))
+            if named is None:  # DALI did not say which: the reference decodes them all
+                for i, image in zip(todo, self._judge([chunk[i] for i in todo])):
+                    results[i] = image
+                return results
+            i = todo.pop(named)
+            results[i] = self._reference_decode(chunk[i])
+            if results[i] is not None:  # the bytes are fine: the main decoder failed for another reason
+                self.reference_decodes += 1
+                misses += 1
+                if misses > 1 and len(todo) > 1:  # more than one such image: most likely device memory
+                    self._shrink(len(todo) + 1, output)
+        return results
+
+    def _judge(self, items: list) -> list[torch.Tensor | None]:
+        """Decode `items` on the reference pipeline: per item its image, or None when it fails alone there."""
+        results: list[torch.Tensor | None] = [None] * len(items)
+        groups = [list(range(len(items)))]
+        while groups:
+            group = groups.pop()
+            output = self._reference_run([items[i] for i in group])
+            if isinstance(output, torch.Tensor):
+                for i, image in zip(group, output.split(1)):
+                    results[i] = dev.to_device(image.clone(), self.device)
+                continue
+            if len(group) == 1:
+                continue  # fails alone: decode_error
+            named = _failed_sample(output, len(group))
+            if named is not None and not dev.is_out_of_memory(output):
+                groups.append([i for k, i in enumerate(group) if k != named])
+                groups.append([group[named]])  # judged alone
+                continue
+            size = math.isqrt(len(group)) if not dev.is_out_of_memory(output) else (len(group) + 1) // 2
+            groups += [group[s: s + size] for s in range(0, len(group), size)]
+        return results
+
+    def _reference_decode(self, item) -> torch.Tensor | None:
+        """One image on the reference pipeline (once more after releasing memory, if it fails)."""
+        output = self._reference_run([item])
+        if not isinstance(output, torch.Tensor):
+            dev.release_memory(self.device)
+            output = self._reference_run([item])
+        return dev.to_device(output.clone(), self.device) if isinstance(output, torch.Tensor) else None
+
+    def _reference_run(self, items: list):
+        if self._reference is None:
+            log.info("building DALI's CPU decode pipeline to judge images the %s decoder failed on", self.device.type)
+            self._reference = DecodePipeline(self.preprocess, self.batch_size, torch.device("cpu"), self.dtype,
+                                              self.loader)
+        self._reference.feed(items)
+        try:
+            return self._reference.output()
+        except DECODE_ERRORS as e:
+            self._reference.ensure_usable()
+            return e
+
+    def _shrink(self, size: int, error: BaseException) -> None:
+        """`_on_oom`, then _OutOfMemory for the caller to retry."""
+        self._on_oom(size, error)
+        raise _OutOfMemory()
+
+    def _on_oom(self, size: int, error: BaseException) -> None:
+        """After an out-of-memory error at `size` images: release memory and halve the decode batch; at one
+        image, give up."""
+        self.oom_events += 1
+        log.warning("out of memory decoding %d images on %s (%s); memory released, retrying them in smaller "
+                    "decode batches", size, self.device, one_line(error)[:160])
+        dev.release_memory(self.device)
+        try:
+            self.policy.on_oom(size)
+        except OutOfMemoryAtOneRow:
+            raise OutOfMemoryAtOneRow(f"out of memory decoding a single image on {self.device}") from None
+
+
+def _failed_sample(error: BaseException, count: int) -> int | None:
+    found = _FAILED_SAMPLE.search(str(error))
+    return int(found.group(1)) if found and int(found.group(1)) < count else None
+
+
+class DecodePipeline:
+    """One DALI pipeline: encoded images in; resized, cropped and normalised images out, in the model's dtype
+    (float32 for bf16, which DALI lacks), NHWC. Primed at build with two tiny batches, so that each
+    `feed` runs exactly one batch (DALI's first run would otherwise run as many as its queue is deep)."""
+
+    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader):
+        self.preprocess, self.batch_size, self.device, self.dtype, self.loader = (preprocess, batch_size, device,
+                                                                                  dtype, loader)
+        self._pipe = None
+        self._build()
+
+    def feed(self, encoded) -> None:
+        self._pipe.feed_input("encoded", encoded)
+        self._pipe.schedule_run()
+
+    def output(self) -> torch.Tensor:
+        """The next batch's images [n, S, S, 3]. On the CPU a view of DALI's buffer, valid until the next
+        `output`: copy what is kept. On CUDA a tensor of its own."""
+        (out,) = self._pipe.outputs()
+        return to_torch(out.as_tensor(), self.device)
+
+    def empty(self) -> torch.Tensor:
+        size = self.preprocess.crop_size
+        return torch.empty((0, size, size, 3), dtype=_output_dtype(self.dtype), device=self.device)
+
+    def ensure_usable(self) -> None:
+        """After an error: run a tiny batch; a pipeline that cannot (older DALI) is built again."""
+        try:
+            self.feed(_tiny_batch())
+            self.output()
+        except DECODE_ERRORS:
+            log.info("DALI's pipeline does not run after an error: building it again")
+            self._build()
+
+    def _build(self) -> None:
+        self._pipe = None  # the old pipeline's buffers go before the new one allocates
+        self._pipe = _build_decode_pipeline(self.preprocess, self.batch_size, self.device, self.dtype, self.loader)
+        for _ in range(self._pipe.prefetch_queue_depth):
+            self._pipe.feed_input("encoded", _tiny_batch())
+        self._pipe.schedule_run()
+        for _ in range(self._pipe.prefetch_queue_depth):
+            self._pipe.outputs()
+
+
+_TINY: list[np.ndarray] = []
+
+
+def _tiny_batch() -> list[np.ndarray]:
+    """One 8×8 grey JPEG, made once: what primes and checks a pipeline."""
+    if not _TINY:
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="JPEG")
+        _TINY.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    return list(_TINY)
+
+
+def _output_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
+def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
     d = loader.dali
     # Options of the GPU decoder only; DALI ignores them on the CPU (see conf/config.yaml loader.dali).
-    gpu_options = dict(hw_decoder_load=d.hw_decoder_load, jpeg_fancy_upsampling=True,
+    gpu_options = dict(hw_decoder_load=d.hw_decoder_load, jpeg_fancy_upsampling=d.jpeg_fancy_upsampling,
                        preallocate_width_hint=d.preallocate_width_hint,
                        preallocate_height_hint=d.preallocate_height_hint,
                        device_memory_padding=d.device_memory_padding,
                        host_memory_padding=d.host_memory_padding) if gpu else {}
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, loader.threads),
-                  device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=1)
+                  device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=2)
     def decode():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_options)
-        return fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),
-                                     antialias=True, interp_type=getattr(types, INTERP[p.interpolation]))
+        crops = fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),
+                                      antialias=True, interp_type=getattr(types, INTERP[p.interpolation]))
+        # (x - mean) / std, in the model's dtype and the channels_last layout, on the device: no float32
+        # copy of the batch in between (B=1024 at 448 px: 2.5 GB).
+        return fn.crop_mirror_normalize(crops, mean=[m * 255 for m in p.mean], std=[s * 255 for s in p.std],
+                                        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+                                        output_layout="HWC")
 
     pipe = decode()
     pipe.build()

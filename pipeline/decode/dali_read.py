@@ -1,6 +1,10 @@
-"""DALI's side of reading: one `fn.readers.webdataset` streams every shard of a rank in order,
-`batch_size` samples per run and across shard boundaries, as raw bytes (it never fails on a bad image).
-Each sample's header is checked in place, on a view of the reader's own buffer, and becomes a row.
+"""DALI's side of reading: `fn.readers.webdataset` streams a rank's shards in order, a window of shards
+per reader, `batch_size` samples per run and across shard boundaries, as raw bytes (it never fails on a
+bad image). Each sample's header is checked in place, on a view of the reader's own buffer, and becomes a row.
+
+A reader maps (or reads) every shard it is given and keeps its index for the reader's life, so a rank of
+thousands of shards is read by one reader per window (`loader.dali.window_rows`/`window_bytes`): memory
+stays that of one window, whatever the rank's size.
 
 If the reader fails (a shard deleted or unreadable mid-run), a shard its error names is failed; otherwise
 the shard it was in is read again alone, from where its rows already sent end, so only a shard that
@@ -10,6 +14,7 @@ fails alone is reported failed.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,7 +22,8 @@ import numpy as np
 
 from pipeline.batch import OK, Rows, ShardFailure
 from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
-from pipeline.shards import Shard, read_index
+from pipeline.shard_index import read_index
+from pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +35,43 @@ class Checked:
     rows: Rows
     encoded: object  # the reader's TensorListCPU when every row is ok, else a list of numpy views
     positions: list[int] | None  # rows the decoded images belong to; None: all of them
+    token: int | None = None  # the decode stage's handle, once started
 
 
-def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, threads: int,
-                     stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
+def windows(shards: list[Shard], max_rows: int, max_bytes: int) -> Iterator[list[Shard]]:
+    """Consecutive shards, as few per window as reach `max_rows` samples or `max_bytes` (one at least)."""
+    window, rows, size = [], 0, 0
+    for shard in shards:
+        window.append(shard)
+        rows += shard.count or 0
+        size += _size(shard.path)
+        if rows >= max_rows or size >= max_bytes:
+            yield window
+            window, rows, size = [], 0, 0
+    if window:
+        yield window
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # remote, or gone: the reader says so
+
+
+def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader,
+                    stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
+    """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows (the last of
+    each window of shards may be short), one reader per window."""
+    d = loader.dali
+    for window in windows(shards, d.window_rows, d.window_bytes):
+        if stopped():
+            return
+        yield from _window_batches(window, rules, batch_size, loader, stopped)
+
+
+def _window_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader,
+                    stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
     """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows.
 
     One reader streams all shards. If it fails (a shard deleted or unreadable mid-run), a shard its
@@ -44,7 +83,7 @@ def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, th
     while start < len(shards):
         progress = _Progress(start, skip)
         try:
-            yield from _read(shards, progress, rules, batch_size, threads, stopped)
+            yield from _read(shards, progress, rules, batch_size, loader, stopped)
             return
         except _ReaderFailed as failure:
             start, skip = progress.shard, progress.position
@@ -59,7 +98,7 @@ def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, th
         shard = shards[start]
         alone = _Progress(start, skip)
         try:
-            yield from _read(shards[: start + 1], alone, rules, batch_size, threads, stopped)
+            yield from _read(shards[: start + 1], alone, rules, batch_size, loader, stopped)
         except _ReaderFailed as failure:
             log.error("shard failed shard=%s reason=%s", shard.path, failure.reason)
             yield ShardFailure(shard.name, failure.reason)
@@ -87,7 +126,7 @@ def _failure(error: Exception, shards: list[Shard], first: int) -> _ReaderFailed
     return _ReaderFailed(one_line(message.split("Current pipeline object")[0]), named[0] if len(named) == 1 else None)
 
 
-def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_size: int, threads: int,
+def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_size: int, loader,
           stopped: Callable[[], bool]) -> Iterator[Checked]:
     """The samples of shards[progress.shard:] after the first progress.position, as checked batches;
     `progress` follows the rows sent."""
@@ -100,7 +139,7 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
     kept = {name: found for name, found in kept.items() if found}  # no shard has it: the column stays null
     groups = [sorted(image_exts), sorted(label_exts), *(sorted(found) for found in kept.values())]
     try:
-        reader = _build_reader(todo, groups, batch_size, threads) if image_exts else None
+        reader = _build_reader(todo, groups, batch_size, loader.threads, loader.dali.mmap) if image_exts else None
     except RuntimeError as e:
         raise _failure(e, shards, first) from None
     total = sum(s.count for s in todo)
@@ -175,7 +214,7 @@ class _Buffer:
         return self.memory[self.starts[j] : self.ends[j]].tobytes()
 
 
-def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int, threads: int):
+def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int, threads: int, mmap: bool = True):
     """A reader with one output per group of extensions (image, label, kept components; an empty group,
     a label no shard has, gives no output)."""
     from nvidia.dali import fn, pipeline_def, types
@@ -187,7 +226,7 @@ def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int,
         outputs = fn.readers.webdataset(
             paths=[s.path for s in shards], index_paths=[s.index_path for s in shards], ext=ext,
             missing_component_behavior="empty", dtypes=[types.UINT8] * len(ext), pad_last_batch=True,
-            name="reader")
+            dont_use_mmap=not mmap, name="reader")
         return tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
 
     pipe = reader()

@@ -63,8 +63,25 @@ def image_header(data) -> tuple[str, int, int] | None:
     return None
 
 
+def jpeg_truncated(data) -> bool:
+    """Whether a JPEG's data stops before its end-of-image marker, as a transfer cut short leaves it.
+
+    Decoders disagree on such files (libjpeg-turbo refuses them, nvJPEG can decode them into a grey
+    bottom), so this check decides for all of them. The marker usually ends the file; when it does not
+    (padding, or data appended after the image, as in motion photos), it is looked for after the start of
+    scan, where entropy-coded data cannot contain it (a 0xFF there is followed by 0x00 or a restart marker)."""
+    if data[-2:] == b"\xff\xd9":
+        return False
+    return bytes(data[_jpeg_walk(data)[1]:]).find(b"\xff\xd9") < 0
+
+
 def _jpeg_size(data) -> tuple[int, int]:
-    """Walks the marker segments after SOI the way PIL does, up to the start of scan."""
+    return _jpeg_walk(data)[0]
+
+
+def _jpeg_walk(data) -> tuple[tuple[int, int], int]:
+    """Walks the marker segments after SOI the way PIL does, up to the start of scan: ((width, height),
+    where the scan header starts)."""
     size = None
     pos = 2
     for _ in range(_MAX_JPEG_STEPS):
@@ -98,7 +115,7 @@ def _jpeg_size(data) -> tuple[int, int]:
         raise BadHeader(f"JPEG has more than {_MAX_JPEG_STEPS} segments or junk runs before its first scan")
     if size is None:
         raise BadHeader("JPEG has no frame header (SOF) before its first scan")
-    return size
+    return size, pos
 
 
 def _next_ff(data, pos: int) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from pipeline.batch import OK
-from pipeline.decode.headers import BadHeader, image_header
+from pipeline.decode.headers import BadHeader, image_header, jpeg_truncated
 
 # Formats both back-ends decode (MPO is the multi-picture JPEG many cameras write).
 DECODABLE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
@@ -86,6 +86,8 @@ def check_image(data, max_pixels: int) -> tuple[str, str | None]:
     fmt, width, height = header
     if width * height > max_pixels:
         return "too_large", f"{width}x{height} = {width * height} pixels > data.max_pixels={max_pixels}"
+    if fmt == "JPEG" and jpeg_truncated(data):
+        return "decode_error", "truncated JPEG: its data ends before the end-of-image marker"
     return OK, None
 
 

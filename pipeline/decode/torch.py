@@ -25,13 +25,13 @@ from pipeline.batch import OK, Batch, Rows, ShardFailure
 from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess
 from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
 from pipeline.layout import open_input
-from pipeline.shards import Shard, read_index
+from pipeline.shard_index import group_by_key, read_index
+from pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256
-INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-          "nearest": InterpolationMode.NEAREST}
+INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 class TorchDecoder:
@@ -39,9 +39,10 @@ class TorchDecoder:
 
     fallbacks = 0  # each image is decoded on its own here: a bad one never costs a batch
     oom_events = 0
+    reference_decodes = 0
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, inject_oom_above: int | None = None):
+                 device: torch.device, dtype: torch.dtype, loader, oom=None):
         self.dataset = ShardSamples(shards, rules, preprocess)
         self.normalizer = Normalizer(batch_size, preprocess, device, dtype)
         self.workers = min(loader.threads, len(shards))
@@ -146,7 +147,7 @@ def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
     streamed by webdataset's tar reader."""
     if not shard.is_plain_tar or shard.is_remote:
         with open_input(shard.path) as stream:
-            yield from group_by_key(tar_file_iterator(stream, skip_meta=None))
+            yield from streamed_samples(tar_file_iterator(stream, skip_meta=None))
         return
     index = read_index(shard.index_path, spans=True)
     with open(shard.path, "rb") as f:
@@ -159,19 +160,10 @@ def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
         yield key, components
 
 
-def group_by_key(files: Iterator[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Consecutive files with the same key form one sample: the rule DALI's index files follow."""
-    key, components = None, {}
-    for f in files:
-        name = f["fname"]
-        dot = name.find(".", name.rfind("/") + 1)
-        base, ext = name[:dot], name[dot + 1 :]  # exactly as wds2idx splits, even without a dot
-        if not base or base.endswith("/"):
-            continue
-        if base != key:
-            if key is not None:
-                yield key, components
-            key, components = base, {}
-        components.setdefault(ext, f["data"])
-    if key is not None:
+def streamed_samples(files: Iterator[dict]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """webdataset's tar reader's files as samples, grouped by the rule the index files follow."""
+    for key, parts in group_by_key((f["fname"], f["data"]) for f in files):
+        components = {}
+        for ext, data in parts:
+            components.setdefault(ext, data)
         yield key, components
