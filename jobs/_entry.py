@@ -28,6 +28,17 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 OmegaConf.register_new_resolver("logs_dir", local_logs_dir, replace=True)
 
 
+def _rank(rank, world_size) -> int:
+    """This process's rank by the rule of pipeline.cluster (dist.* > torchrun > Slurm), for its log folder."""
+    from pipeline.cluster import rank_and_world
+    from pipeline.settings import DistSettings
+
+    return rank_and_world(DistSettings(rank, world_size))[0]
+
+
+OmegaConf.register_new_resolver("rank", _rank, replace=True)
+
+
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dict:
     """The composed config as plain dicts, with every interpolation resolved and every ??? given."""
     plain = {}

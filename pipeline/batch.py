@@ -76,10 +76,6 @@ class Batch:
     def n_valid(self) -> int:
         return len(self.rows)
 
-    @property
-    def batch_size(self) -> int:
-        return self.images.shape[0]
-
 
 @dataclass(frozen=True)
 class ShardFailure:

@@ -3,7 +3,8 @@ run gets requeued. All cluster knowledge (explicit settings, torchrun, Slurm, Hy
 lives here.
 
 Rank: `dist.rank`/`dist.world_size` when given, else torchrun's RANK/WORLD_SIZE, else Slurm's array
-and task ids. GPU: LOCAL_RANK's (torchrun) or SLURM_LOCALID's among the visible ones.
+and task ids. GPU: LOCAL_RANK's (torchrun) or SLURM_LOCALID's among the visible ones. CPUs: Slurm's
+--cpus-per-task, else this process's share of the affinity mask among the job's processes on its node.
 """
 
 from __future__ import annotations
@@ -83,14 +84,77 @@ def cuda_error() -> str:
 
 
 def cpus_available() -> int:
-    """The CPUs this process may use: Slurm's --cpus-per-task, else the affinity mask."""
+    """The CPUs this process may use: Slurm's --cpus-per-task, else its share of the affinity mask."""
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit() and int(slurm) > 0:
         return int(slurm)
+    return len(cpu_share())
+
+
+def local_processes() -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, else Slurm's tasks on this node."""
+    env = os.environ
+    if env.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(env["LOCAL_WORLD_SIZE"]))
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return max(1, int(env["SLURM_NTASKS_PER_NODE"]))
+    per_node = _expand_slurm_counts(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+    node = int(env.get("SLURM_NODEID", "0") or 0)
+    return per_node[node] if node < len(per_node) else 1
+
+
+def _expand_slurm_counts(text: str) -> list[int]:
+    """Slurm's compressed per-node counts: "2(x3),1" → [2, 2, 2, 1]."""
+    counts = []
+    for part in filter(None, text.split(",")):
+        count, _, repeat = part.partition("(x")
+        if not count.isdigit():
+            return []
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def cpu_share() -> list[int]:
+    """The CPUs this process should use: its affinity mask, or, when the job's processes on this node all
+    have the same mask (torchrun's ranks; Slurm tasks that are not bound to CPUs of their own), this
+    process's slice of it by local rank, so that they do not all run on every core."""
     try:
-        return len(os.sched_getaffinity(0))
+        mask = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+    local = local_processes()
+    shared = "LOCAL_WORLD_SIZE" in os.environ or len(mask) == (os.cpu_count() or len(mask))
+    if local <= 1 or not shared:
+        return mask
+    per = max(1, len(mask) // local)
+    start = (local_rank() % local) * per % len(mask)
+    return mask[start:start + per]
+
+
+def use_cpu_share() -> list[int]:
+    """Keep this process (its decoder workers and threads, and DALI's, which DALI would otherwise pin to
+    the GPU's NVML CPU set, the same for every rank) to its share of the CPUs; returns them."""
+    share = cpu_share()
+    try:
+        if sorted(os.sched_getaffinity(0)) != share:
+            os.sched_setaffinity(0, share)
+            torch.set_num_threads(len(share))
+            log.info("local rank %d of %d: CPUs %s", local_rank(), local_processes(), _ranges(share))
+    except AttributeError:  # not Linux
+        return share
+    os.environ.setdefault("DALI_AFFINITY_MASK", ",".join(map(str, share)))
+    return share
+
+
+def _ranges(cpus: list[int]) -> str:
+    spans, start = [], None
+    for i, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            spans.append(f"{start}" if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(spans)
 
 
 def launcher_dist(dist, launched_by_slurm_launcher: bool):

@@ -95,6 +95,41 @@ def release_memory(device: torch.device) -> None:
         ReleaseUnusedMemory()
 
 
+_LIBC = None
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HOST_MMAP_THRESHOLD = 4 * 2**20
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):  # not glibc
+            _LIBC = False
+    return _LIBC
+
+
+def keep_host_heap_flat() -> None:
+    """Host buffers of 4 MiB and more (batch tensors, decoded images) get memory of their own from the
+    system, returned when freed. glibc would otherwise raise this threshold to the largest block freed so
+    far, serve every batch from its heap, and hold the heap's high-water mark (seen: +250 MB over a night)."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; a no-op elsewhere)."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
 def new_stream(device: torch.device):
     """A CUDA stream of its own for a producer thread; None on the CPU."""
     return torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -215,6 +250,13 @@ def peak_memory_mb(device: torch.device) -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def physical_id(device: torch.device) -> str:
+    """Which physical GPU this is, whatever CUDA_VISIBLE_DEVICES renumbered (its UUID); "cpu" on the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def describe(device: torch.device) -> str:

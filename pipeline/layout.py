@@ -137,6 +137,26 @@ class OutputLayout:
             raise
         return path
 
+    def write_new(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist yet; False if it did. Locally exclusive (a hard link of a
+        complete temporary file, so of two ranks exactly one wins); in object storage a check, then a PUT."""
+        if self.remote:
+            if self.exists(name):
+                return False
+            self.write_bytes(name, data, sync=False)
+            return True
+        path = self.path(name)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+
     def write_parquet(self, name: str, table: pa.Table, **options) -> str:
         # Encoded in memory, then written as one file: pyarrow's own file output resolves a filesystem
         # for every path, a fixed cost that shows with many small shards.

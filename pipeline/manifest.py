@@ -50,9 +50,10 @@ def finish_rank(layout: OutputLayout, record: dict, metadata: dict) -> dict:
     content = merge_records(records, record["world_size"], metadata)
     path = layout.write_json(MANIFEST, content)
     if content["complete"]:
-        layout.write_json(SUCCESS, content)
-        log.info("all %d ranks complete (%d shards); wrote %s and %s", content["ranks"], content["shards"], path,
-                 SUCCESS)
+        # Once: of ranks finishing together, one writes it; a rerun over a complete output keeps the first.
+        if layout.write_new(SUCCESS, json.dumps(content, indent=2, sort_keys=True, default=str).encode()):
+            log.info("all %d ranks complete (%d shards); wrote %s and %s", content["ranks"], content["shards"], path,
+                     SUCCESS)
     else:
         log.info("output not complete yet: %d of %d ranks complete, %d failed shard(s)", content["ranks_complete"],
                  content["ranks"], len(content["failed"]))
@@ -100,14 +101,8 @@ def merge_records(records: list[dict], world_size: int, metadata: dict) -> dict:
         "failed": dict(sorted(failed.items())),
         "remaining": sorted(remaining),
         **run_identity(metadata),
-        "config_hash": config_hash(metadata.get("config") or {}),
         "written_at": time.time(),
     }
-
-
-def config_hash(config: dict) -> str:
-    relevant = {k: v for k, v in config.items() if k not in ("dist", "progress", "hydra")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --- jobs.verify: the full cross-check ---------------------------------------------------------------
@@ -194,7 +189,6 @@ def manifest_from_reports(reports: list[ShardReport], metadata: dict, failed: di
         "failed": failed,
         "remaining": [r.name for r in reports if r.state in ("missing", "incomplete") and r.name not in failed],
         **run_identity(metadata),
-        "config_hash": config_hash(metadata.get("config") or {}),
         "written_at": time.time(),
         "verified": True,
     }

@@ -35,6 +35,7 @@ class Meter:
         self.oom_events = 0
         self.progress: list[list[float]] = []  # [unix time, images done] at every refresh: the run's rate over time
         self._start = time.perf_counter()
+        self._started_at = time.time()
         self._steady_start: float | None = None
         self._steady_images = 0
         self._log_every_s, self._on_refresh = log_every_s, on_refresh
@@ -113,6 +114,7 @@ class Meter:
         # With too few batches for a steady state, the whole-run rate is the honest figure.
         sustained = self.sustained_rate()
         return {
+            "started_at": round(self._started_at, 3),
             "images": self.images,
             "total_images": self.total,
             "error_rows": self.error_rows,

@@ -38,6 +38,8 @@ from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 64  # batches between giving freed heap memory back to the system
+
 
 class StopSignals:
     """First SIGTERM/SIGUSR1: finish the batch in flight, write complete shards, exit EXIT_REQUEUE.
@@ -111,6 +113,8 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     """Everything a run needs, from its settings; `build` makes model.module's object (Hydra's instantiate,
     passed by jobs/, so the library itself never imports Hydra)."""
     started = time.perf_counter()
+    dev.keep_host_heap_flat()
+    cluster.use_cpu_share()
     if settings.loader.threads is None:
         settings = replace(settings, loader=replace(settings.loader, threads=cluster.cpus_available()))
     device = cluster.resolve_device(settings.device)
@@ -225,6 +229,8 @@ class Runner:
                 meter.batch_done(item.n_valid, errors=item.n_valid - item.rows.status.count(OK),
                                  oom_events=self.scorer.policy.events + getattr(decoder, "oom_events", 0),
                                  micro=self.scorer.micro_batch)
+                if meter.batches % TRIM_EVERY == 0:
+                    dev.trim_host_memory()  # ~10 ms: keeps a night's heap from creeping up
         finally:
             decoder.stop()
             if pending is not None:
@@ -245,7 +251,9 @@ class Runner:
             "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
             "decode_oom_events": getattr(decoder, "oom_events", 0),
             "dali_reference_decodes": getattr(decoder, "reference_decodes", 0), "auto_batch_table": p.auto_table,
-            "log_every_s": self.settings.log_every_s,
+            "log_every_s": self.settings.log_every_s, "loader_threads": self.settings.loader.threads,
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "device_name": dev.describe(p.device), "device_id": dev.physical_id(p.device),
         }
 
     def _running_metrics(self, summary: dict) -> None:

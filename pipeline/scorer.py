@@ -87,6 +87,8 @@ class Scorer:
         """The model's outputs for the first `valid` rows of `images` (all by default), run over every row
         (padding included: one static shape) in chunks of the current micro-batch."""
         total = images.shape[0]
+        if total != self.policy.batch_size:  # the decoder and the scorer were given different batch sizes
+            raise RuntimeError(f"a batch of {total} rows reached a scorer of batch size {self.policy.batch_size}")
         outputs = []
         start = 0
         size = self.policy.next_size()

@@ -20,7 +20,8 @@ from pipeline.settings import DistSettings
 @pytest.fixture
 def clean_env(monkeypatch):
     for key in list(os.environ):
-        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", *cluster.GPU_VARIABLES):
+        if key.startswith("SLURM_") or key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                *cluster.GPU_VARIABLES):
             monkeypatch.delenv(key)
     return monkeypatch
 
@@ -51,7 +52,7 @@ def test_torchrun_comes_before_slurm_and_dist_before_both(clean_env):
 
 
 def test_cpus_come_from_slurm_then_the_affinity_mask(clean_env):
-    assert cluster.cpus_available() == len(os.sched_getaffinity(0))
+    assert cluster.cpus_available() == len(os.sched_getaffinity(0))  # one process on this node
     clean_env.setenv("SLURM_CPUS_PER_TASK", "6")
     assert cluster.cpus_available() == 6
 
@@ -61,29 +62,47 @@ def four_shards(tmp_path_factory):
     return write_shards(small_jpegs(12, seed=17), str(tmp_path_factory.mktemp("four")), 3, "q")
 
 
-def score_ranks(shards, out, envs) -> dict[int, list[str]]:
-    """Run one jobs.score process per environment, side by side; {rank: the shards it wrote}."""
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    pattern = os.path.join(os.path.dirname(shards[0]), "q-*.tar")
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs.score", *TINY, f"data.shards={pattern}", f"output.dir={out}",
-                               "device=cpu", "loader.threads=1"], cwd=ROOT, env={**base, **env},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
-    for p in procs:
-        log, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, log[-2000:]
-    records = [json.loads(path.read_text()) for path in sorted((out / "_metrics").glob("done-*.json"))]
-    return {r["rank"]: r["shards_done"] for r in records}
+def test_torchrun_two_ranks_side_by_side(four_shards, tmp_path):
+    """The real torchrun, two processes on this 2-core machine: disjoint shards, scored at the same time,
+    one CPU and one decoder thread each, a log folder each, `_SUCCESS` written once."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    pattern = os.path.join(os.path.dirname(four_shards[0]), "q-*.tar")
+    out = tmp_path / "out"
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node=2",
+                        "-m", "jobs.score", *TINY, f"data.shards={pattern}", f"output.dir={out}", "device=cpu",
+                        "decoder=dali"], cwd=ROOT, env=base, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    records = {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (out / "_metrics").glob("done-*")}
+    assert records[0]["shards_done"] == ["q-000000", "q-000002"] and records[1]["shards_done"] == ["q-000001", "q-000003"]
+    metrics = [json.loads((out / "_metrics" / f"rank-{rank:05d}.json").read_text()) for rank in (0, 1)]
+    assert [m["loader_threads"] for m in metrics] == [1, 1]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(metrics[0]["cpus"]) & set(metrics[1]["cpus"])  # each rank on its own CPU
+    spans = sorted((m["finished_at"] - m["job_seconds"], m["finished_at"]) for m in metrics)  # planning to the end
+    assert spans[1][0] < spans[0][1]  # the two ran at the same time
+    logs = sorted(p.name.rsplit("-", 1)[-1] for p in (out / "_logs").iterdir())
+    assert logs == ["rank0", "rank1"]
+    wrote = [p for p in (out / "_logs").rglob("*.log") if "_SUCCESS" in p.read_text()]
+    assert len(wrote) == 1 and (out / "_SUCCESS").exists()
 
 
-def test_torchrun_environment_splits_shards_like_slurm(four_shards, tmp_path):
-    torchrun = score_ranks(four_shards, tmp_path / "torchrun",
-                           [{"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)} for r in (0, 1)])
-    slurm = score_ranks(four_shards, tmp_path / "slurm",
-                        [{"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r)} for r in (0, 1)])
-    assert torchrun == slurm
-    assert torchrun[0] == ["q-000000", "q-000002"] and torchrun[1] == ["q-000001", "q-000003"]
-    assert (tmp_path / "torchrun" / "_SUCCESS").exists()
+def test_the_cpu_share_of_local_ranks(clean_env):
+    mask = sorted(os.sched_getaffinity(0))
+    clean_env.setenv("LOCAL_WORLD_SIZE", str(len(mask)))
+    shares = []
+    for local in range(len(mask)):
+        clean_env.setenv("LOCAL_RANK", str(local))
+        shares.append(cluster.cpu_share())
+    assert shares == [[cpu] for cpu in mask]  # one CPU each, none shared
+    clean_env.setenv("LOCAL_WORLD_SIZE", str(4 * len(mask)))
+    assert len(cluster.cpu_share()) == 1
+    clean_env.delenv("LOCAL_WORLD_SIZE")
+    clean_env.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert cluster.cpus_available() == 6  # Slurm's own count wins
+    assert cluster._expand_slurm_counts("2(x3),1") == [2, 2, 2, 1]
+    clean_env.setenv("SLURM_TASKS_PER_NODE", "2(x3),1")
+    clean_env.setenv("SLURM_NODEID", "3")
+    assert cluster.local_processes() == 1
 
 
 def test_a_gpu_given_but_unusable_stops_the_run(four_shards, tmp_path):

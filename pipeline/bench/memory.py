@@ -37,18 +37,19 @@ def run_memory(settings, bench) -> dict:
             name = f"{decoder}-{count}"
             results[name] = one_run(root, folder, count, decoder, model, m, settings)
             r = results[name]
-            print(f"decoder={decoder} shards={count} rows={r['rows']} peak_rss={r['peak_rss_mb']:.0f}MB "
+            print(f"decoder={decoder} shards={count} rows={r['rows']} peak_pss={r['peak_pss_mb']:.0f}MB "
                   f"peak_anon={r['peak_anon_mb']:.0f}MB peak_file={r['peak_file_mb']:.0f}MB "
+                  f"peak_rss_sum={r['peak_rss_sum_mb']:.0f}MB main_rss={r['peak_main_rss_mb']:.0f}MB "
                   f"rows_per_sec={r['rows_per_sec']:.0f}", flush=True)
     few, many = min(m.shard_counts), max(m.shard_counts)
     summary = {}
     for decoder in m.decoders:
         a, b = results[f"{decoder}-{few}"], results[f"{decoder}-{many}"]
-        summary[decoder] = {"peak_rss_mb_few": a["peak_rss_mb"], "peak_rss_mb_many": b["peak_rss_mb"],
+        summary[decoder] = {"peak_pss_mb_few": a["peak_pss_mb"], "peak_pss_mb_many": b["peak_pss_mb"],
                             "anon_growth": round(b["peak_anon_mb"] / a["peak_anon_mb"] - 1, 3),
-                            "bytes_per_row_growth": round((b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20
+                            "bytes_per_row_growth": round((b["peak_pss_mb"] - a["peak_pss_mb"]) * 2**20
                                                           / max(b["rows"] - a["rows"], 1), 1)}
-        print(f"{decoder}: peak RSS {a['peak_rss_mb']:.0f} MB ({few} shards) → {b['peak_rss_mb']:.0f} MB ({many}); "
+        print(f"{decoder}: peak memory {a['peak_pss_mb']:.0f} MB ({few} shards) → {b['peak_pss_mb']:.0f} MB ({many}); "
               f"anonymous memory {summary[decoder]['anon_growth']:+.1%}", flush=True)
     report = {"mode": "memory", "cpu_flags": cpu_flags(), "rows_per_shard": m.rows_per_shard,
               "image_size": m.image_size, "runs": results, "summary": summary}
@@ -83,16 +84,20 @@ def one_run(root, folder, count, decoder, model, m, settings) -> dict:
     metrics = read_rank_metrics(out)
     shutil.rmtree(out, ignore_errors=True)
     return {"rows": metrics["images"], "rows_per_sec": metrics["sustained_images_per_sec"],
-            "wall_seconds": round(wall, 2), **sampler.peaks()}
+            "wall_seconds": round(wall, 2), **sampler.peaks(), "series": sampler.series}
 
 
 class TreeMemory:
-    """Samples a process and its descendants from /proc: the peaks of their summed RSS, anonymous and
-    file-backed resident memory (MB), and of the main process alone."""
+    """Samples a process and its descendants from /proc/<pid>/smaps_rollup: the peaks (MB) of their summed
+    proportional set size (a page shared by the job and its forked decoder workers counts once, as a
+    cgroup counts it), its anonymous and file-backed parts, the summed RSS (shared pages counted in every
+    process), and the main process's RSS alone."""
 
     def __init__(self, pid: int, interval_s: float):
         self.pid, self.interval_s = pid, interval_s
-        self._peaks = {"peak_rss_mb": 0.0, "peak_anon_mb": 0.0, "peak_file_mb": 0.0, "peak_main_rss_mb": 0.0}
+        self._peaks = {"peak_pss_mb": 0.0, "peak_anon_mb": 0.0, "peak_file_mb": 0.0, "peak_rss_sum_mb": 0.0,
+                       "peak_main_rss_mb": 0.0}
+        self.series: list[list[float]] = []  # [seconds, PSS MB, anonymous MB], about once a second
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -105,17 +110,22 @@ class TreeMemory:
         return {k: round(v, 1) for k, v in self._peaks.items()}
 
     def _run(self) -> None:
+        start = time.perf_counter()
         while not self._stop.is_set():
-            total = {"rss": 0.0, "anon": 0.0, "file": 0.0}
+            total = {"pss": 0.0, "anon": 0.0, "file": 0.0, "rss_sum": 0.0}
             for i, pid in enumerate(self._tree()):
-                status = _status(pid)
+                rollup = _rollup(pid)
                 if i == 0:
-                    self._peaks["peak_main_rss_mb"] = max(self._peaks["peak_main_rss_mb"], status.get("VmRSS", 0))
-                total["rss"] += status.get("VmRSS", 0)
-                total["anon"] += status.get("RssAnon", 0)
-                total["file"] += status.get("RssFile", 0) + status.get("RssShmem", 0)
+                    self._peaks["peak_main_rss_mb"] = max(self._peaks["peak_main_rss_mb"], rollup.get("Rss", 0))
+                total["pss"] += rollup.get("Pss", 0)
+                total["anon"] += rollup.get("Pss_Anon", 0)
+                total["file"] += rollup.get("Pss_File", 0) + rollup.get("Pss_Shmem", 0)
+                total["rss_sum"] += rollup.get("Rss", 0)
             for key, value in total.items():
                 self._peaks[f"peak_{key}_mb"] = max(self._peaks[f"peak_{key}_mb"], value)
+            now = time.perf_counter() - start
+            if not self.series or now - self.series[-1][0] >= 1:
+                self.series.append([round(now, 1), round(total["pss"]), round(total["anon"])])
             self._stop.wait(self.interval_s)
 
     def _tree(self) -> list[int]:
@@ -132,15 +142,15 @@ class TreeMemory:
         return found
 
 
-def _status(pid: int) -> dict[str, float]:
-    """Memory fields of /proc/<pid>/status, in MB (empty once the process is gone)."""
+def _rollup(pid: int) -> dict[str, float]:
+    """The fields of /proc/<pid>/smaps_rollup, in MB (empty once the process is gone)."""
     values = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            next(f)
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    values[key] = int(rest.split()[0]) / 1024
+                values[key] = int(rest.split()[0]) / 1024
     except OSError:
         pass
     return values

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from pipeline import device as dev
+
 from pipeline.batch import Batch, Rows, ShardFailure
 from pipeline.decode.assemble import BackgroundBatches, DecodedAssembler, Normalizer, Preprocess
 from pipeline.decode.dali_decode import DecodeStage
-from pipeline.decode.dali_read import Checked, checked_batches
+from pipeline.decode.dali_read import WINDOW_DONE, Checked, checked_batches, shut_down
 from pipeline.decode.samples import SampleRules
 from pipeline.shards import Shard
 
@@ -64,19 +66,30 @@ class DaliDecoder:
         self._stage = stage = DecodeStage(self.preprocess, self.batch_size, self.device, self.dtype, self.loader,
                                           self.oom)
         in_flight: deque[Checked] = deque()
-        for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader, stopped):
-            if isinstance(item, ShardFailure):
-                yield item
-                continue
-            # `item` was read and checked while DALI decoded the batches in flight.
-            if item.encoded is not None:
-                item.token = stage.start(item.encoded)
-            in_flight.append(item)
-            if len(in_flight) == IN_FLIGHT:
+        retired: list = []  # readers done with their window, shut down once none of their batches is in flight
+        try:
+            for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader, stopped, retired):
+                if isinstance(item, ShardFailure):
+                    yield item
+                    continue
+                if item is WINDOW_DONE:
+                    while in_flight:
+                        yield from assembler.add(*self._finish(in_flight.popleft()))
+                    _shut_down_unused(retired, in_flight)
+                    dev.trim_host_memory()
+                    continue
+                # `item` was read and checked while DALI decoded the batches in flight.
+                if item.encoded is not None:
+                    item.token = stage.start(item.encoded)
+                in_flight.append(item)
+                if len(in_flight) == IN_FLIGHT:
+                    yield from assembler.add(*self._finish(in_flight.popleft()))
+                    _shut_down_unused(retired, in_flight)
+            while in_flight:
                 yield from assembler.add(*self._finish(in_flight.popleft()))
-        while in_flight:
-            yield from assembler.add(*self._finish(in_flight.popleft()))
-        yield from assembler.flush()
+            yield from assembler.flush()
+        finally:
+            _shut_down_unused(retired, ())
 
     def _finish(self, item: Checked) -> tuple[Rows, torch.Tensor | None, list[int] | None]:
         """The item's rows, its decoded images and the rows they belong to (None: all)."""
@@ -109,3 +122,10 @@ class DaliDecoder:
     def reference_decodes(self) -> int:
         """Images the main decoder failed on and DALI's CPU decoder decoded (on a GPU: used in their place)."""
         return self._count("reference_decodes")
+
+
+def _shut_down_unused(retired: list, in_flight) -> None:
+    for reader in list(retired):
+        if all(item.source is not reader for item in in_flight):
+            shut_down(reader)
+            retired.remove(reader)

@@ -36,6 +36,7 @@ class Checked:
     encoded: object  # the reader's TensorListCPU when every row is ok, else a list of numpy views
     positions: list[int] | None  # rows the decoded images belong to; None: all of them
     token: int | None = None  # the decode stage's handle, once started
+    source: object = None  # the reader whose buffers `encoded` points into
 
 
 def windows(shards: list[Shard], max_rows: int, max_bytes: int) -> Iterator[list[Shard]]:
@@ -59,19 +60,25 @@ def _size(path: str) -> int:
         return 0  # remote, or gone: the reader says so
 
 
-def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader,
-                    stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
+def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader, stopped: Callable[[], bool],
+                    retired: list) -> Iterator[Checked | ShardFailure]:
     """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows (the last of
-    each window of shards may be short), one reader per window."""
+    each window of shards may be short), one reader per window, and WINDOW_DONE after each window. A
+    reader that is done goes to `retired`, for the caller to shut down (`shut_down`) once no batch it
+    gave is in use: best before the next window's reader is built, so that two are never alive at once."""
     d = loader.dali
     for window in windows(shards, d.window_rows, d.window_bytes):
         if stopped():
             return
-        yield from _window_batches(window, rules, batch_size, loader, stopped)
+        yield from _window_batches(window, rules, batch_size, loader, stopped, retired)
+        yield WINDOW_DONE  # the caller finishes this window's batches and frees its reader before the next
+
+
+WINDOW_DONE = "window done"
 
 
 def _window_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader,
-                    stopped: Callable[[], bool]) -> Iterator[Checked | ShardFailure]:
+                    stopped: Callable[[], bool], retired: list) -> Iterator[Checked | ShardFailure]:
     """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows.
 
     One reader streams all shards. If it fails (a shard deleted or unreadable mid-run), a shard its
@@ -83,7 +90,7 @@ def _window_batches(shards: list[Shard], rules: SampleRules, batch_size: int, lo
     while start < len(shards):
         progress = _Progress(start, skip)
         try:
-            yield from _read(shards, progress, rules, batch_size, loader, stopped)
+            yield from _read(shards, progress, rules, batch_size, loader, stopped, retired)
             return
         except _ReaderFailed as failure:
             start, skip = progress.shard, progress.position
@@ -98,7 +105,7 @@ def _window_batches(shards: list[Shard], rules: SampleRules, batch_size: int, lo
         shard = shards[start]
         alone = _Progress(start, skip)
         try:
-            yield from _read(shards[: start + 1], alone, rules, batch_size, loader, stopped)
+            yield from _read(shards[: start + 1], alone, rules, batch_size, loader, stopped, retired)
         except _ReaderFailed as failure:
             log.error("shard failed shard=%s reason=%s", shard.path, failure.reason)
             yield ShardFailure(shard.name, failure.reason)
@@ -127,7 +134,7 @@ def _failure(error: Exception, shards: list[Shard], first: int) -> _ReaderFailed
 
 
 def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_size: int, loader,
-          stopped: Callable[[], bool]) -> Iterator[Checked]:
+          stopped: Callable[[], bool], retired: list) -> Iterator[Checked]:
     """The samples of shards[progress.shard:] after the first progress.position, as checked batches;
     `progress` follows the rows sent."""
     first = progress.shard
@@ -142,56 +149,60 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
         reader = _build_reader(todo, groups, batch_size, loader.threads, loader.dali.mmap) if image_exts else None
     except RuntimeError as e:
         raise _failure(e, shards, first) from None
-    total = sum(s.count for s in todo)
-    shard_index, position, skip = progress.shard - 1, 0, progress.position
-    index, has_image, has_label, has_kept, seen = None, [], [], {}, set()
-    for done in range(0, total, batch_size):
-        if stopped():
-            return
-        n = min(batch_size, total - done)
-        try:
-            outputs = reader.run() if reader is not None else ()
-        except RuntimeError as e:
-            raise _failure(e, shards, first) from None
-        images = _Buffer(outputs[0]) if reader is not None else None
-        labels = _Buffer(outputs[1]) if reader is not None and label_exts else None
-        first_text = 2 if label_exts else 1
-        texts = {name: _Buffer(outputs[first_text + i]) for i, name in enumerate(kept)} if reader is not None else {}
-        rows, ok = Rows(), []
-        for j in range(n):
-            while index is None or position == len(index.keys):
-                shard_index += 1
-                shard = shards[shard_index]
-                index, position, seen = read_index(shard.index_path), 0, set()
-                has_image = [not image_exts.isdisjoint(e) for e in index.extensions]
-                has_label = [not label_exts.isdisjoint(e) for e in index.extensions]
-                has_kept = {name: [not found.isdisjoint(e) for e in index.extensions] for name, found in kept.items()}
-            key = index.keys[position]
-            image, label = has_image[position], has_label[position]
-            present = {name: flags[position] for name, flags in has_kept.items()}
-            position += 1
-            if skip:  # sent before the reader that was reading this shard failed
-                skip -= 1
-                seen.add(key)
+    try:
+        total = sum(s.count for s in todo)
+        shard_index, position, skip = progress.shard - 1, 0, progress.position
+        index, has_image, has_label, has_kept, seen = None, [], [], {}, set()
+        for done in range(0, total, batch_size):
+            if stopped():
+                return
+            n = min(batch_size, total - done)
+            try:
+                outputs = reader.run() if reader is not None else ()
+            except RuntimeError as e:
+                raise _failure(e, shards, first) from None
+            images = _Buffer(outputs[0]) if reader is not None else None
+            labels = _Buffer(outputs[1]) if reader is not None and label_exts else None
+            first_text = 2 if label_exts else 1
+            texts = {name: _Buffer(outputs[first_text + i]) for i, name in enumerate(kept)} if reader is not None else {}
+            rows, ok = Rows(), []
+            for j in range(n):
+                while index is None or position == len(index.keys):
+                    shard_index += 1
+                    shard = shards[shard_index]
+                    index, position, seen = read_index(shard.index_path), 0, set()
+                    has_image = [not image_exts.isdisjoint(e) for e in index.extensions]
+                    has_label = [not label_exts.isdisjoint(e) for e in index.extensions]
+                    has_kept = {name: [not found.isdisjoint(e) for e in index.extensions] for name, found in kept.items()}
+                key = index.keys[position]
+                image, label = has_image[position], has_label[position]
+                present = {name: flags[position] for name, flags in has_kept.items()}
+                position += 1
+                if skip:  # sent before the reader that was reading this shard failed
+                    skip -= 1
+                    seen.add(key)
+                    continue
+                status, error = sample_status(key, images.view(j) if image else None, rules, seen)
+                rows.keys.append(key)
+                rows.shards.append(shard.name)
+                rows.labels.append(parse_label(labels.bytes(j)) if label else None)
+                rows.status.append(status)
+                rows.errors.append(error)
+                for name in rules.keep:
+                    add_kept(rows, name, texts[name].view(j) if present.get(name) and name in texts else None)
+                if status == OK:
+                    ok.append(j)
+            progress.shard, progress.position = shard_index, position
+            if not rows:
                 continue
-            status, error = sample_status(key, images.view(j) if image else None, rules, seen)
-            rows.keys.append(key)
-            rows.shards.append(shard.name)
-            rows.labels.append(parse_label(labels.bytes(j)) if label else None)
-            rows.status.append(status)
-            rows.errors.append(error)
-            for name in rules.keep:
-                add_kept(rows, name, texts[name].view(j) if present.get(name) and name in texts else None)
-            if status == OK:
-                ok.append(j)
-        progress.shard, progress.position = shard_index, position
-        if not rows:
-            continue
-        if len(ok) == len(rows) == len(outputs[0]):
-            yield Checked(rows, outputs[0], None)  # every sample decodes: hand DALI its own batch
-        else:
-            first = n - len(rows)  # rows skipped at the start of this batch
-            yield Checked(rows, [images.array(j) for j in ok] or None, [j - first for j in ok])
+            if len(ok) == len(rows) == len(outputs[0]):
+                yield Checked(rows, outputs[0], None)  # every sample decodes: hand DALI its own batch
+            else:
+                first = n - len(rows)  # rows skipped at the start of this batch
+                yield Checked(rows, [images.array(j) for j in ok] or None, [j - first for j in ok])
+    finally:
+        if reader is not None:
+            retired.append(reader)  # its outputs may still be in the decode stage's hands
 
 
 class _Buffer:
@@ -212,6 +223,13 @@ class _Buffer:
 
     def bytes(self, j: int) -> bytes:
         return self.memory[self.starts[j] : self.ends[j]].tobytes()
+
+
+def shut_down(pipe) -> None:
+    """Free a DALI pipeline's buffers and threads now: a pipeline sits in reference cycles, and left to
+    the cycle collector a finished window's reader would hold its memory (and mappings) for a while."""
+    if pipe is not None:
+        pipe._shutdown()  # what DALI's own __del__ and its exit handler call
 
 
 def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int, threads: int, mmap: bool = True):

@@ -10,6 +10,7 @@ scoring device, in the same code the DALI back-end uses.
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 from collections.abc import Callable, Iterator
@@ -60,7 +61,14 @@ class TorchDecoder:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None, pin_memory=self.pin)
         assembler = BatchAssembler(self.normalizer)
-        for item in loader:
+        # The workers are forked; a garbage collection in one of them would write to every Python object it
+        # inherited and so copy them all (~200 MB per worker). Frozen objects are never traversed.
+        gc.freeze()
+        try:
+            items = iter(loader)  # starts the workers
+        finally:
+            gc.unfreeze()
+        for item in items:
             if stopped():
                 return
             if isinstance(item, ShardFailure):

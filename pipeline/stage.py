@@ -1,0 +1,136 @@
+"""Remote shards staged on node-local disk a few shards ahead of the decoder (`data.stage_dir`), so DALI
+reads object storage as local files: one whole-object download per shard, in parallel ranged GETs, instead
+of a request per sample component.
+
+At most `ahead` shards are on disk or being fetched at a time, and each staged file is removed once the
+decoder is done with it, so the disk used is bounded by a few shards whatever the rank's size. Each
+process stages into a folder of its own; folders a killed process left behind are removed at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pipeline.layout import filesystem, is_url
+from pipeline.shards import Shard
+
+log = logging.getLogger(__name__)
+
+PART_BYTES = 16 * 2**20  # one ranged GET
+PARTS_IN_FLIGHT = 8  # ranged GETs at once per shard (and so at most 128 MiB of a shard in memory)
+
+
+def can_stage(shard: Shard) -> bool:
+    """Objects fsspec can read by range: s3:// and other URLs, not webdataset's `pipe:` commands."""
+    return is_url(shard.path) and shard.is_plain_tar
+
+
+class StageError(OSError):
+    pass
+
+
+class Stager:
+    """`local(shard)` waits for a shard's staged copy and returns its path; `release(shard)` removes it and
+    starts the next one. Shards are staged in the order given, `ahead` at most at a time."""
+
+    def __init__(self, shards: list[Shard], stage_dir: str, ahead: int):
+        remove_abandoned(stage_dir)
+        self.dir = os.path.join(stage_dir, f"shardscore-{os.getpid()}")
+        os.makedirs(self.dir, exist_ok=True)
+        self._queue = [s for s in shards if can_stage(s)]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="shardscore-stage")
+        self._staged: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._ahead = max(1, ahead)
+        self._next = 0
+        self.bytes_staged = 0
+        self._fill()
+        log.info("staging %d remote shard(s) in %s, %d ahead", len(self._queue), self.dir, self._ahead)
+
+    def local(self, shard: Shard) -> str:
+        """The local copy of `shard` (staged now if it was not queued); raises StageError if it cannot be fetched."""
+        with self._lock:
+            if shard.name not in self._staged:
+                self._staged[shard.name] = self._pool.submit(self._fetch, shard)
+            future = self._staged[shard.name]
+        return future.result()
+
+    def release(self, shard: Shard) -> None:
+        with self._lock:
+            future = self._staged.pop(shard.name, None)
+        if future is not None:
+            future.add_done_callback(lambda f: _remove(self._path(shard)))
+        self._fill()
+
+    def close(self) -> None:
+        self._next = len(self._queue)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _fill(self) -> None:
+        with self._lock:
+            while self._next < len(self._queue) and len(self._staged) < self._ahead:
+                shard = self._queue[self._next]
+                self._next += 1
+                if shard.name not in self._staged:
+                    self._staged[shard.name] = self._pool.submit(self._fetch, shard)
+
+    def _path(self, shard: Shard) -> str:
+        return os.path.join(self.dir, f"{shard.name}.tar")
+
+    def _fetch(self, shard: Shard) -> str:
+        path = self._path(shard)
+        tmp = f"{path}.part"
+        try:
+            fs, inner = filesystem(shard.path)
+            size = int(fs.info(inner)["size"])
+            ranges = [(start, min(start + PART_BYTES, size)) for start in range(0, size, PART_BYTES)]
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+                for i in range(0, len(ranges), PARTS_IN_FLIGHT):
+                    group = ranges[i:i + PARTS_IN_FLIGHT]
+                    starts, stops = [a for a, _ in group], [b for _, b in group]
+                    for offset, data in zip(starts, fs.cat_ranges([inner] * len(group), starts, stops, on_error="return")):
+                        if isinstance(data, BaseException):
+                            raise data
+                        os.pwrite(f.fileno(), data, offset)
+            if os.path.getsize(tmp) != size:
+                raise StageError(f"staged {os.path.getsize(tmp)} of {size} bytes")
+            os.replace(tmp, path)
+        except Exception as e:
+            _remove(tmp)
+            raise StageError(f"cannot stage {shard.path}: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+        self.bytes_staged += size
+        log.debug("staged shard=%s bytes=%d", shard.name, size)
+        return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_abandoned(stage_dir: str) -> None:
+    """Staging folders of processes that no longer run (killed before they could clean up)."""
+    if not os.path.isdir(stage_dir):
+        return
+    for name in os.listdir(stage_dir):
+        pid = name.removeprefix("shardscore-")
+        if name.startswith("shardscore-") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(stage_dir, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
