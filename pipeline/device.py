@@ -40,12 +40,16 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def configure(device: torch.device, seed: int) -> None:
-    """Seed, and let cuDNN pick the fastest kernels for our fixed shapes."""
+def configure(device: torch.device, seed: int, precision: str = "fp32") -> None:
+    """Seed; let cuDNN pick the fastest kernels for our fixed shapes; and make fp32 mean IEEE fp32 (torch
+    lets cuDNN run fp32 convolutions as TF32 by default, a 10-bit mantissa, on Ampere and Hopper)."""
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        if precision == "fp32":
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 
 def synchronize(device: torch.device) -> None:

@@ -48,11 +48,22 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
     except NotImplementedError:  # a torch.export program refuses eval(): it keeps the mode it was exported in
         pass
     network = network.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    if dtype != torch.float32:
+        keep_norms_float32(network)
     for p in network.parameters():
         p.requires_grad_(False)
     log.info("model=%s source=%s weights=%s dtype=%s device=%s preprocess=%s",
              settings.label, settings.source_label, source, dtype, device, preprocess)
     return LoadedModel(network, categories, source, preprocess, classifier)
+
+
+def keep_norms_float32(network: nn.Module) -> None:
+    """BatchNorm layers keep float32 parameters in an fp16/bf16 model: cuDNN runs half-precision batch norm
+    only with float32 weights (else torch falls back to its own, slower kernel), and their statistics
+    lose nothing to rounding. Inputs and outputs stay in the model's dtype."""
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.float()
 
 
 def resolve_preprocess(settings: ModelSettings, own: dict) -> Preprocess:

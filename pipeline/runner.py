@@ -33,6 +33,7 @@ from pipeline.sources import Builder
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
+from pipeline.stage import Stager, can_stage
 from pipeline.shards import BackgroundIndexing, Shard, assign_to_rank, expand_shards, open_shard, shard_name
 from pipeline.writer import META_KEY, ShardWriter, run_identity
 
@@ -120,7 +121,7 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     device = cluster.resolve_device(settings.device)
     precision = dev.resolve_precision(settings.precision, device)
     dtype = dev.DTYPES[precision]
-    dev.configure(device, settings.seed)
+    dev.configure(device, settings.seed, precision)
     rank, world_size = cluster.rank_and_world(settings.dist)
     all_paths = expand_shards(settings.data.shards)
     mine = assign_to_rank(all_paths, rank, world_size)
@@ -176,13 +177,13 @@ class Runner:
         context = f"model={p.metadata['model']} precision={p.precision} image_size={p.preprocess.crop_size}"
         self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
         self.decoder_name = p.settings.decoder
-        self._decoder, self._skipped, self._todo = None, 0, 0
+        self._decoder, self._skipped, self._todo, self._staged = None, 0, 0, None
 
     def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.p.shards if s.error is None]
         todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite, self._footers)
         if todo:
-            self.decoder_name = choose_decoder(self.settings.decoder, todo)
+            self.decoder_name = choose_decoder(self.settings.decoder, todo, staged=bool(self.settings.data.stage_dir))
             remove_success(self.layout)
         self._skipped = len(readable) - len(todo)
         self._todo = len(todo)
@@ -204,9 +205,15 @@ class Runner:
 
     def _stream(self, todo: list[Shard], meter: Meter, signals: StopSignals):
         """Decode → score → write until the input ends or a signal arrives; returns the decoder."""
-        p = self.p
+        p, d = self.p, self.settings.data
+        stager = None
+        if d.stage_dir and any(can_stage(s) for s in todo):
+            if self.decoder_name == "dali":
+                stager = Stager(todo, d.stage_dir, d.stage_ahead)
+            else:
+                log.info("data.stage_dir is not used: decoder=torch streams remote shards itself")
         decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
-                               self.settings.loader, self.settings.oom)
+                               self.settings.loader, self.settings.oom, stager)
         self._decoder = decoder
         items = iter(decoder)
         pending = None  # (rows, host copy of their outputs) of the batch before the one on the device
@@ -233,6 +240,9 @@ class Runner:
                     dev.trim_host_memory()  # ~10 ms: keeps a night's heap from creeping up
         finally:
             decoder.stop()
+            if stager is not None:
+                stager.close()
+                self._staged = stager.stats()
             if pending is not None:
                 self._write(pending, meter)
         return decoder
@@ -253,7 +263,7 @@ class Runner:
             "dali_reference_decodes": getattr(decoder, "reference_decodes", 0), "auto_batch_table": p.auto_table,
             "log_every_s": self.settings.log_every_s, "loader_threads": self.settings.loader.threads,
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "device_name": dev.describe(p.device), "device_id": dev.physical_id(p.device),
+            "device_name": dev.describe(p.device), "device_id": dev.physical_id(p.device), "staged": self._staged,
         }
 
     def _running_metrics(self, summary: dict) -> None:

@@ -80,9 +80,12 @@ class DataSettings:
     label_extension: str | None = "cls"
     max_pixels: int = 89_478_485  # decompression-bomb guard, PIL's default limit
     index_cache_dir: str | None = None  # for index files when a shard's folder is read-only
+    stage_dir: str | None = None  # node-local folder remote shards are copied to, ahead of DALI
+    stage_ahead: int = 4  # shards staged (or being fetched) at a time: what bounds the folder's size
 
     def __post_init__(self):
         _check(self.shards not in (None, "", []), "data.shards is required (a pattern, a list or a .txt file)")
+        _check(self.stage_ahead >= 1, "data.stage_ahead must be >= 1")
         _check(len(self.image_extensions) > 0, "data.image_extensions must not be empty")
         _check(self.max_pixels > 0, "data.max_pixels must be > 0")
 

@@ -45,11 +45,14 @@ class Stager:
         self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="shardscore-stage")
         self._staged: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._ahead = max(1, ahead)
+        self.ahead = max(1, ahead)
         self._next = 0
         self.bytes_staged = 0
+        self.shards_staged = 0
+        self.on_disk = 0
+        self.peak_on_disk = 0  # shards staged and not yet released, at most
         self._fill()
-        log.info("staging %d remote shard(s) in %s, %d ahead", len(self._queue), self.dir, self._ahead)
+        log.info("staging %d remote shard(s) in %s, %d ahead", len(self._queue), self.dir, self.ahead)
 
     def local(self, shard: Shard) -> str:
         """The local copy of `shard` (staged now if it was not queued); raises StageError if it cannot be fetched."""
@@ -63,8 +66,17 @@ class Stager:
         with self._lock:
             future = self._staged.pop(shard.name, None)
         if future is not None:
-            future.add_done_callback(lambda f: _remove(self._path(shard)))
+            future.add_done_callback(lambda f: self._removed(shard, f))
         self._fill()
+
+    def stats(self) -> dict:
+        return {"shards": self.shards_staged, "bytes": self.bytes_staged, "peak_shards_on_disk": self.peak_on_disk}
+
+    def _removed(self, shard: Shard, future: Future) -> None:
+        _remove(self._path(shard))
+        if future.exception() is None:
+            with self._lock:
+                self.on_disk -= 1
 
     def close(self) -> None:
         self._next = len(self._queue)
@@ -73,7 +85,7 @@ class Stager:
 
     def _fill(self) -> None:
         with self._lock:
-            while self._next < len(self._queue) and len(self._staged) < self._ahead:
+            while self._next < len(self._queue) and len(self._staged) < self.ahead:
                 shard = self._queue[self._next]
                 self._next += 1
                 if shard.name not in self._staged:
@@ -104,7 +116,11 @@ class Stager:
         except Exception as e:
             _remove(tmp)
             raise StageError(f"cannot stage {shard.path}: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
-        self.bytes_staged += size
+        with self._lock:
+            self.bytes_staged += size
+            self.shards_staged += 1
+            self.on_disk += 1
+            self.peak_on_disk = max(self.peak_on_disk, self.on_disk)
         log.debug("staged shard=%s bytes=%d", shard.name, size)
         return path
 

@@ -173,6 +173,22 @@ def test_halving_gives_identical_rows_for_embedding_and_topk(shard, tmp_path):
 
 # --- preprocessing from the model ------------------------------------------------------------------
 
+def test_half_precision_keeps_batch_norm_in_float32():
+    """cuDNN's fast batch norm for fp16/bf16 inputs wants float32 weights; the outputs stay close to fp32."""
+    settings = ModelSettings(name="resnet18", resize_size=72, crop_size=64)
+    full = load_model(settings, torch.device("cpu"), torch.float32, seed=3)
+    half = load_model(settings, torch.device("cpu"), torch.bfloat16, seed=3)
+    norms = [m for m in half.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    convs = [m for m in half.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert norms and all(m.weight.dtype == torch.float32 and m.running_var.dtype == torch.float32 for m in norms)
+    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+    x = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a, b = full.module(x)["output"], half.module(x.bfloat16())["output"]
+    assert b.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(a, b.float()).min() > 0.99
+
+
 def test_preprocessing_from_torchvision_weights_and_overrides():
     for name, weights in (("resnet50", "IMAGENET1K_V2"), ("efficientnet_b3", "IMAGENET1K_V1")):
         t = torchvision.models.get_weight(f"{torchvision.models.get_model_weights(name).__name__}.{weights}").transforms()

@@ -157,3 +157,25 @@ def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path
             assert rows(out) == local_rows("torch")
     finally:
         server.shutdown()
+
+
+def test_staged_s3_shards_are_decoded_by_dali_with_bounded_disk(s3, local_rows, tmp_path):
+    """data.stage_dir: decoder=auto reads object storage with DALI from staged local copies, at most
+    stage_ahead shards on disk at a time, none left afterwards."""
+    from pipeline.runner import score as score_in_process
+    from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
+
+    stage = tmp_path / "stage"
+    (stage / "shardscore-999999999").mkdir(parents=True)  # what a killed run left: removed
+    settings = ScoreSettings(
+        data=DataSettings(shards="s3://data/in/part-*.tar", stage_dir=str(stage), stage_ahead=2,
+                          index_cache_dir=str(tmp_path / "idx")),
+        output=OutputSettings(dir=str(tmp_path / "out")),
+        model=ModelSettings(name="resnet18", weights=None, resize_size=72, crop_size=64),
+        batch_size=16, precision="fp32", progress=False)
+    assert score_in_process(settings) == 0
+    assert rows(tmp_path / "out") == local_rows("dali")
+    metrics = __import__("json").loads((tmp_path / "out" / "_metrics" / "rank-00000.json").read_text())
+    assert metrics["decoder"] == "dali"
+    assert metrics["staged"]["shards"] == 3 and 1 <= metrics["staged"]["peak_shards_on_disk"] <= 2
+    assert list(stage.iterdir()) == []  # every staged copy removed, and the abandoned folder too

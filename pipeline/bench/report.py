@@ -119,7 +119,9 @@ def format_overhead_table(report: dict) -> str:
                      f"peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
     storage = report.get("storage_cost")
     for decoder in ("dali", "torch") if storage else ():
-        for place, what in (("s3", "indexed first"), ("s3_cached", "index cached")):
+        for place, what in (("s3", "indexed first"), ("s3_cached", "index cached"), ("s3_staged", "staged, data.stage_dir")):
+            if place not in storage[decoder]:
+                continue
             c = storage[decoder][place]
             lines.append(f"storage decoder={decoder}: {storage['shards']} shards from a local S3 server ({what}) ÷ from "
                          f"local disk (paired per round): job's own time {c['job_seconds_ratio']:.2f}×, whole process "

@@ -2,8 +2,9 @@
 storage. A local S3 API server (moto's server mode on 127.0.0.1, started here: no network) holds a
 copy of the 4 × 1,000-row shards of the per-shard measurement; every round runs `jobs.score` over both,
 each from scratch (the local index files removed, a fresh index cache for the S3 run, so both read
-every shard to index it), then S3 once more with the index cached (a rerun); the report gives the
-medians of the rounds' paired ratios S3 ÷ local.
+every shard to index it), then S3 once more with the index cached (a rerun), and with DALI, S3 staged on
+local disk (`data.stage_dir`, from scratch); the report gives the medians of the rounds' paired ratios
+S3 ÷ local.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def storage_cost(job, folder: str, rounds: int, decoders: tuple[str, ...] = ("da
     """`job` is the overhead benchmark's JobRunner; `folder` holds the shards."""
     shards = sorted(glob.glob(os.path.join(folder, "*.tar")))
     results: dict[str, dict[str, list[dict]]] = {d: {"local": [], "s3": [], "s3_cached": []} for d in decoders}
+    if "dali" in results:
+        results["dali"]["s3_staged"] = []
     with LocalS3() as s3:
         url = s3.upload(shards, os.path.basename(folder))
         cache = os.path.join(job.root, "s3-index-cache")
@@ -94,11 +97,15 @@ def storage_cost(job, folder: str, rounds: int, decoders: tuple[str, ...] = ("da
                     shutil.rmtree(cache, ignore_errors=True)
                     run("s3", decoder, **remote)
                     run("s3_cached", decoder, **remote)  # again, the index cached: as a rerun finds it
+                    if decoder == "dali":  # staged on local disk ahead of DALI (data.stage_dir), from scratch
+                        shutil.rmtree(cache, ignore_errors=True)
+                        staged = {**remote, "extra": (*remote["extra"], f"data.stage_dir={job.root}/stage")}
+                        run("s3_staged", decoder, **staged)
     report = {"shards": len(shards), "rows": results[decoders[0]]["local"][0]["rows"]}
     for decoder, places in results.items():
         local = places["local"]
         report[decoder] = {"rounds": places}
-        for place in ("s3", "s3_cached"):
+        for place in [p for p in ("s3", "s3_cached", "s3_staged") if p in places]:
             report[decoder][place] = {
                 "job_seconds_ratio": _median_ratio(places[place], local, "job_seconds"),
                 "wall_seconds_ratio": _median_ratio(places[place], local, "wall_seconds"),

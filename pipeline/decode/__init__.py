@@ -15,10 +15,13 @@ from pipeline.shards import Shard
 log = logging.getLogger(__name__)
 
 
-def dali_reads(shard: Shard) -> bool:
+def dali_reads(shard: Shard, staged: bool = False) -> bool:
     """DALI's webdataset reader takes plain tars, local or in S3 (through its AWS SDK, which uses the
-    same AWS_* environment and config files as everything else here)."""
-    return shard.is_plain_tar and (not shard.is_remote or shard.path.startswith("s3://"))
+    same AWS_* environment and config files as everything else here), or any remote one staged on local
+    disk first (`data.stage_dir`)."""
+    from pipeline.stage import can_stage
+
+    return shard.is_plain_tar and (not shard.is_remote or shard.path.startswith("s3://") or (staged and can_stage(shard)))
 
 
 # DALI's reader fetches each sample component of an s3:// shard with its own ranged request; the torch
@@ -27,12 +30,13 @@ REMOTE_DALI = ("DALI reads object storage with one request per sample component 
                "shard with one request)")
 
 
-def choose_decoder(name: str, shards: list[Shard]) -> str:
-    """`auto` → DALI when it imports and every shard is a local plain tar, else torch (said in the log)."""
+def choose_decoder(name: str, shards: list[Shard], staged: bool = False) -> str:
+    """`auto` → DALI when it imports and every shard is a local plain tar (or a remote one staged to local
+    disk), else torch (said in the log)."""
     from pipeline.decode.dali import dali_available
 
-    others = [s.path for s in shards if not dali_reads(s)]
-    remote = [s.path for s in shards if s.is_remote]
+    others = [s.path for s in shards if not dali_reads(s, staged)]
+    remote = [s.path for s in shards if s.is_remote and not staged]
     if name == "dali":
         if not dali_available():
             raise UserError("decoder=dali but nvidia-dali is not installed; use decoder=torch or decoder=auto")
@@ -57,14 +61,17 @@ def choose_decoder(name: str, shards: list[Shard]) -> str:
 
 
 def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, oom):
+                 device: torch.device, dtype: torch.dtype, loader, oom, stager=None):
     """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options),
-    `oom` OomSettings (regrowth of the decode batch, injected errors)."""
+    `oom` OomSettings (regrowth of the decode batch, injected errors), `stager` a pipeline.stage.Stager
+    for remote shards (DALI only: the torch decoder streams them)."""
     if name == "dali":
-        from pipeline.decode.dali import DaliDecoder as cls
-    else:
-        from pipeline.decode.torch import TorchDecoder as cls
-    return cls(shards, rules, preprocess, batch_size, device, dtype, loader, oom)
+        from pipeline.decode.dali import DaliDecoder
+
+        return DaliDecoder(shards, rules, preprocess, batch_size, device, dtype, loader, oom, stager)
+    from pipeline.decode.torch import TorchDecoder
+
+    return TorchDecoder(shards, rules, preprocess, batch_size, device, dtype, loader, oom)
 
 
 __all__ = ["Preprocess", "SampleRules", "choose_decoder", "make_decoder"]

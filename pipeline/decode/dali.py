@@ -36,8 +36,9 @@ class DaliDecoder:
     """Yields fixed-size Batches (and ShardFailures) for `shards`, in shard order."""
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, oom):
+                 device: torch.device, dtype: torch.dtype, loader, oom, stager=None):
         self.shards = shards
+        self.stager = stager
         self.rules = rules
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -68,7 +69,8 @@ class DaliDecoder:
         in_flight: deque[Checked] = deque()
         retired: list = []  # readers done with their window, shut down once none of their batches is in flight
         try:
-            for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader, stopped, retired):
+            for item in checked_batches(self.shards, self.rules, self.batch_size, self.loader, stopped, retired,
+                                        self.stager):
                 if isinstance(item, ShardFailure):
                     yield item
                     continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from pipeline.batch import OK, Rows, ShardFailure
 from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
 from pipeline.shard_index import read_index
 from pipeline.shards import Shard
+from pipeline.stage import StageError, can_stage
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,15 @@ class Checked:
     source: object = None  # the reader whose buffers `encoded` points into
 
 
-def windows(shards: list[Shard], max_rows: int, max_bytes: int) -> Iterator[list[Shard]]:
-    """Consecutive shards, as few per window as reach `max_rows` samples or `max_bytes` (one at least)."""
+def windows(shards: list[Shard], max_rows: int, max_bytes: int, max_shards: int | None = None) -> Iterator[list[Shard]]:
+    """Consecutive shards, as few per window as reach `max_rows` samples, `max_bytes` or `max_shards` (one
+    at least)."""
     window, rows, size = [], 0, 0
     for shard in shards:
         window.append(shard)
         rows += shard.count or 0
         size += _size(shard.path)
-        if rows >= max_rows or size >= max_bytes:
+        if rows >= max_rows or size >= max_bytes or len(window) == max_shards:
             yield window
             window, rows, size = [], 0, 0
     if window:
@@ -61,17 +63,32 @@ def _size(path: str) -> int:
 
 
 def checked_batches(shards: list[Shard], rules: SampleRules, batch_size: int, loader, stopped: Callable[[], bool],
-                    retired: list) -> Iterator[Checked | ShardFailure]:
+                    retired: list, stager=None) -> Iterator[Checked | ShardFailure]:
     """Every sample of `shards`, in order, as checked batches of at most `batch_size` rows (the last of
     each window of shards may be short), one reader per window, and WINDOW_DONE after each window. A
     reader that is done goes to `retired`, for the caller to shut down (`shut_down`) once no batch it
-    gave is in use: best before the next window's reader is built, so that two are never alive at once."""
+    gave is in use: best before the next window's reader is built, so that two are never alive at once.
+    With a `stager` (pipeline.stage), remote shards are read from their staged copies, half of its
+    shards ahead in each window, so the next window is fetched while this one is read."""
     d = loader.dali
-    for window in windows(shards, d.window_rows, d.window_bytes):
+    for window in windows(shards, d.window_rows, d.window_bytes, stager and max(1, stager.ahead // 2)):
         if stopped():
             return
-        yield from _window_batches(window, rules, batch_size, loader, stopped, retired)
+        readable = window
+        if stager is not None:
+            readable = []
+            for shard in window:
+                try:
+                    readable.append(replace(shard, path=stager.local(shard)) if can_stage(shard) else shard)
+                except StageError as e:
+                    log.error("shard failed shard=%s reason=%s", shard.path, e)
+                    yield ShardFailure(shard.name, str(e))
+        if readable:
+            yield from _window_batches(readable, rules, batch_size, loader, stopped, retired)
         yield WINDOW_DONE  # the caller finishes this window's batches and frees its reader before the next
+        if stager is not None:
+            for shard in window:
+                stager.release(shard)
 
 
 WINDOW_DONE = "window done"
