@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo
 
-.PHONY: install demo test test-fast test-slurm slurm-up slurm-down bench clean chromium
+.PHONY: install demo test test-fast test-slurm test-without-dali slurm-up slurm-down bench clean chromium
 
 # EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
 EXTRAS ?= cuda13,s3,models,bench,dev
@@ -39,6 +39,10 @@ test-fast: install
 
 test-slurm: install
 	$(PY) -m pytest -ra -m slurm
+
+# The suite as on a machine without NVIDIA DALI: its imports are blocked; DALI's own tests skip.
+test-without-dali: install
+	PYTHONPATH=tests/without_dali $(PY) -m pytest -ra -m "not slurm"
 
 # A cluster to try slurm/score.sbatch by hand: `make slurm-up`, then `. /tmp/shardscore-slurm/env.sh`.
 slurm-up:

@@ -88,15 +88,17 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def release_memory(device: torch.device) -> None:
-    """After an out-of-memory error: give back what torch's and DALI's allocators cache."""
+    """After an out-of-memory error: give back what torch's and DALI's allocators cache, and the heap."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         try:
             from nvidia.dali.backend import ReleaseUnusedMemory
         except ImportError:
-            return
-        ReleaseUnusedMemory()
+            ReleaseUnusedMemory = None
+        if ReleaseUnusedMemory is not None:
+            ReleaseUnusedMemory()
+    trim_host_memory()
 
 
 _LIBC = None

@@ -72,6 +72,7 @@ def open_input(path: str):
 def object_version(url: str) -> tuple[int, str]:
     """(size, ETag or modification time) of a remote object: what changes when it is replaced."""
     fs, inner = filesystem(url)
+    fs.invalidate_cache(inner)  # fsspec caches listings per filesystem instance: a replaced object must show
     info = fs.info(inner)
     version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
     return int(info.get("size") or 0), str(version).strip('"')

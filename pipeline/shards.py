@@ -102,6 +102,7 @@ def _exists(paths: list[str]) -> list[bool]:
         folder = p.rsplit("/", 1)[0]
         if folder not in listed:
             fs, inner = filesystem(folder)
+            fs.invalidate_cache(inner)  # this process may have listed it before (a sweep, a rerun)
             try:
                 listed[folder] = {fs.unstrip_protocol(x) for x in fs.ls(inner, detail=False)}
             except FileNotFoundError:

@@ -51,6 +51,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_dali)
 
 
+def tiny_settings(shards, out, **kw):
+    """`debug=tiny` as ScoreSettings (resnet18, random weights, 72→64 px, fp32, batch 16), for calling the
+    library in-process; keyword arguments replace any field, `data`/`model` ones by name (max_pixels=…)."""
+    from dataclasses import fields, replace
+
+    from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
+
+    data_keys = {f.name for f in fields(DataSettings)}
+    model_keys = {f.name for f in fields(ModelSettings)}
+    data = DataSettings(shards=shards, **{k: kw.pop(k) for k in list(kw) if k in data_keys})
+    model = ModelSettings(name="resnet18", weights=None, resize_size=72, crop_size=64)
+    model = replace(model, **{k: kw.pop(k) for k in list(kw) if k in model_keys})
+    output = OutputSettings(dir=str(out), **{k: kw.pop(k) for k in ("overwrite", "keep_components") if k in kw})
+    return ScoreSettings(data=data, output=output, model=model, **{"batch_size": 16, "precision": "fp32",
+                                                                    "progress": False, **kw})
+
+
+def verify_output(spec, out) -> tuple[bool, str]:
+    """jobs.verify in-process: (complete, its printed table)."""
+    from pipeline.layout import OutputLayout
+    from pipeline.manifest import verify
+    from pipeline.shards import expand_shards
+
+    complete, table, _ = verify(expand_shards(spec), OutputLayout(str(out)))
+    return complete, table
+
+
 def png_bytes(array: np.ndarray, **kw) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array, **kw).save(out, format="PNG")

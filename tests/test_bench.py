@@ -33,10 +33,33 @@ def smallest_within(points, tolerance):
     return min(p["batch"] for p in ok if p["images_per_sec"] >= (1 - tolerance) * best)
 
 
-def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path):
-    r = run_cli("jobs.bench", "mode=sweep", *TINY, "bench.max_batch_size=8", "bench.precisions=[fp32,bf16]",
-                "bench.repeats=2", f"bench.out_dir={tmp_path}")
-    assert r.returncode == 0, r.stderr[-3000:]
+class Ran:
+    def __init__(self, returncode: int, stdout: str):
+        self.returncode, self.stdout = returncode, stdout
+
+
+def bench(tmp_path, capsys, *overrides: str) -> Ran:
+    """jobs.bench in this process: the config composed as the CLI composes it, then the library call."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from jobs._entry import CONF_DIR, to_plain
+    from pipeline.bench import run_bench
+    from pipeline.settings import ScoreSettings, from_mapping
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("bench", overrides=[*overrides, f"paths.root={tmp_path}"])
+    config = to_plain(cfg)
+    mode, settings = config.pop("mode"), from_mapping(BenchSettings, config.pop("bench"), "bench.")
+    capsys.readouterr()
+    code = run_bench(mode, from_mapping(ScoreSettings, config), settings, build=instantiate)
+    return Ran(code, capsys.readouterr().out)
+
+
+def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path, capsys):
+    r = bench(tmp_path, capsys, "mode=sweep", *TINY, "bench.max_batch_size=8", "bench.precisions=[fp32,bf16]",
+              "bench.repeats=2", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0
     assert "batch |  ms/batch |  images/s |  peak MB" in r.stdout
     rows, report = read_sweep(tmp_path)
     assert [e["precision"] for e in report["precisions"]] == ["fp32", "bf16"]
@@ -61,10 +84,10 @@ def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_sweep_marks_the_first_oom_and_finishes(tmp_path):
-    r = run_cli("jobs.bench", "mode=sweep", *TINY, "oom.inject_above=4", "bench.max_batch_size=16",
-                "bench.precisions=[fp32]", "bench.repeats=1", f"bench.out_dir={tmp_path}")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_sweep_marks_the_first_oom_and_finishes(tmp_path, capsys):
+    r = bench(tmp_path, capsys, "mode=sweep", *TINY, "oom.inject_above=4", "bench.max_batch_size=16",
+              "bench.precisions=[fp32]", "bench.repeats=1", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0
     rows, report = read_sweep(tmp_path)
     (entry,) = report["precisions"]
     # 8 rows run out of memory; 16 is never tried.
@@ -75,10 +98,10 @@ def test_sweep_marks_the_first_oom_and_finishes(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_e2e_runs_every_variant_over_the_same_images(shards, tmp_path):
-    r = run_cli("jobs.bench", "mode=e2e", *TINY, f"data.shards=[{','.join(shards)}]", "batch_size=4",
-                "bench.e2e.images=10", "bench.e2e.rounds=2", "bench.e2e.workers=1", f"bench.out_dir={tmp_path}")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_e2e_runs_every_variant_over_the_same_images(shards, tmp_path, capsys):
+    r = bench(tmp_path, capsys, "mode=e2e", *TINY, f"data.shards=[{','.join(shards)}]", "batch_size=4",
+              "bench.e2e.images=10", "bench.e2e.rounds=2", "bench.e2e.workers=1", f"bench.out_dir={tmp_path}")
+    assert r.returncode == 0
     report = json.loads((tmp_path / "e2e.json").read_text())
     # 10 images asked: the leading whole shards that hold them, 9 + 9.
     assert report["images"] == 18 and report["shards"] == [os.path.abspath(p) for p in shards[:2]]
@@ -148,13 +171,19 @@ def test_e2e_takes_leading_whole_shards(shards, images, count):
     assert [s.path for s in chosen] == [os.path.abspath(p) for p in shards[:count]]
 
 
-def test_overhead_mode_measures_rows_per_second_and_the_cost_per_shard(tmp_path):
-    r = run_cli("jobs.bench", "mode=overhead", f"bench.out_dir={tmp_path}", "bench.overhead.shards=2",
-                "bench.overhead.samples_per_shard=96", "bench.overhead.batch_size=32", "bench.overhead.rounds=1",
-                "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]", timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_overhead_mode_measures_rows_per_second_the_cost_per_shard_and_of_storage(tmp_path, capsys):
+    """One run of mode=overhead with its storage measurement (a local S3 server) as well: every jobs.score
+    is a process of its own there, so they are shared."""
+    pytest.importorskip("moto")
+    r = bench(tmp_path, capsys, "mode=overhead", f"bench.out_dir={tmp_path}", "bench.overhead.shards=2",
+              "bench.overhead.samples_per_shard=96", "bench.overhead.batch_size=32", "bench.overhead.rounds=1",
+              "bench.overhead.variants=[bare_loop,score_dali,score_dali_embedding]", "bench.overhead.corrupt_cost=false",
+              "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]",
+              "bench.overhead.shard_cost_nofile=256", "bench.overhead.storage_cost=true",
+              "bench.overhead.storage_decoders=[dali]")
+    assert r.returncode == 0
     report = json.loads((tmp_path / "overhead.json").read_text())
-    assert set(report["variants"]) == {"bare_loop", "score_dali", "score_torch", "score_dali_embedding"}
+    assert set(report["variants"]) == {"bare_loop", "score_dali", "score_dali_embedding"}
     topk, embedding = report["variants"]["score_dali"]["rounds"][0], report["variants"]["score_dali_embedding"]["rounds"][0]
     assert report["embedding_to_topk"] == round(embedding["rows_per_sec"] / topk["rows_per_sec"], 3)
     for name, v in report["variants"].items():
@@ -168,20 +197,26 @@ def test_overhead_mode_measures_rows_per_second_and_the_cost_per_shard(tmp_path)
         assert few["peak_rss_mb"] > 0 and many["peak_rss_mb"] > 0
     assert "score_dali" in r.stdout and "ms per extra shard" in r.stdout
 
+    storage = report["storage_cost"]
+    assert storage["shards"] == 1 and storage["rows"] == 8 and "torch" not in storage
+    c = storage["dali"]
+    (local,), (remote,), (cached,), (staged,) = (c["rounds"][p] for p in ("local", "s3", "s3_cached", "s3_staged"))
+    assert local["rows"] == remote["rows"] == cached["rows"] == staged["rows"] == 8
+    assert c["s3"]["job_seconds_ratio"] == round(remote["job_seconds"] / local["job_seconds"], 3)
+    assert c["s3_cached"]["wall_seconds_ratio"] == round(cached["wall_seconds"] / local["wall_seconds"], 3)
+    assert c["s3_staged"]["wall_seconds_ratio"] == round(staged["wall_seconds"] / local["wall_seconds"], 3)
+    assert "from a local S3 server" in r.stdout and "staged" in r.stdout
 
-def test_storage_cost_compares_a_local_s3_server_with_local_disk(tmp_path):
-    pytest.importorskip("moto")
-    r = run_cli("jobs.bench", "mode=overhead", f"bench.out_dir={tmp_path}", "bench.overhead.variants=[]",
-                "bench.overhead.shard_cost=false", "bench.overhead.corrupt_cost=false", "bench.overhead.storage_cost=true",
-                "bench.overhead.shard_cost_rows=8", "bench.overhead.shard_cost_layouts=[1,4]", "bench.overhead.rounds=1",
-                timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    storage = json.loads((tmp_path / "overhead.json").read_text())["storage_cost"]
-    assert storage["shards"] == 1 and storage["rows"] == 8
-    for decoder in ("dali", "torch"):
-        c = storage[decoder]
-        (local,), (remote,), (cached,) = c["rounds"]["local"], c["rounds"]["s3"], c["rounds"]["s3_cached"]
-        assert local["rows"] == remote["rows"] == cached["rows"] == 8
-        assert c["s3"]["job_seconds_ratio"] == round(remote["job_seconds"] / local["job_seconds"], 3)
-        assert c["s3_cached"]["wall_seconds_ratio"] == round(cached["wall_seconds"] / local["wall_seconds"], 3)
-    assert "from a local S3 server" in r.stdout
+
+def test_memory_mode_reads_the_process_trees_memory(tmp_path, capsys):
+    r = bench(tmp_path, capsys, "mode=memory", f"bench.out_dir={tmp_path}", "bench.memory.shard_counts=[1,3]",
+              "bench.memory.rows_per_shard=50", "bench.memory.batch_size=32", "bench.memory.decoders=[torch]")
+    assert r.returncode == 0
+    report = json.loads((tmp_path / "memory.json").read_text())
+    few, many = report["runs"]["torch-1"], report["runs"]["torch-3"]
+    assert few["rows"] == 50 and many["rows"] == 150
+    for run in (few, many):
+        assert run["peak_rss_sum_mb"] >= run["peak_main_rss_mb"] > 100 and run["peak_pss_mb"] > run["peak_anon_mb"] > 0
+    assert many["peak_rss_sum_mb"] > many["peak_main_rss_mb"]  # the job's decoder workers were seen too
+    assert report["summary"]["torch"]["anon_growth"] == round(many["peak_anon_mb"] / few["peak_anon_mb"] - 1, 3)
+    assert "anonymous memory" in r.stdout

@@ -9,7 +9,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from conftest import run_cli
+from conftest import verify_output
 from pipeline.runner import score
 from pipeline.settings import DataSettings, DistSettings, ModelSettings, OutputSettings, ScoreSettings
 
@@ -60,14 +60,14 @@ def test_no_success_over_output_that_mixes_two_models(shards, tmp_path):
     assert models == {"part-000000.parquet": "mobilenet_v3_small", "part-000001.parquet": "resnet18",
                       "part-000002.parquet": "mobilenet_v3_small"}
 
-    r = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}")
-    assert r.returncode == 1, r.stdout
-    assert "part-000001: written by another run: model was 'resnet18', now 'mobilenet_v3_small'" in r.stdout
-    assert "NOT complete" in r.stdout and not (out / "_SUCCESS").exists()
+    complete, table = verify_output(pattern, out)
+    assert not complete, table
+    assert "part-000001: written by another run: model was 'resnet18', now 'mobilenet_v3_small'" in table
+    assert "NOT complete" in table and not (out / "_SUCCESS").exists()
 
     assert score(settings(pattern, out, rank=1, model="mobilenet_v3_small")) == 0  # rank 1 redoes its shard
     assert json.loads((out / "_SUCCESS").read_text())["model"] == "mobilenet_v3_small"
-    assert run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}").returncode == 0
+    assert verify_output(pattern, out)[0]
 
 
 def test_resume_redoes_a_shard_written_under_another_identity(shards, tmp_path):

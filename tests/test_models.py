@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from conftest import TINY, run_cli, small_jpegs
+from conftest import TINY, run_cli, small_jpegs, tiny_settings
 from pipeline.decode import Preprocess
 from pipeline.model import load_model
 from pipeline.pack import write_shards
@@ -312,6 +312,9 @@ def test_missing_pretrained_weights_say_what_to_do(shard, tmp_path, source, name
 
 
 def test_topk_of_an_embedding_model_is_a_user_error(shard, tmp_path):
-    r = run_cli("jobs.score", *TINY, "model.source=open_clip", "model.name=ViT-S-32", "model.resize_size=224",
-                "model.crop_size=224", f"data.shards={shard}", f"output.dir={tmp_path}", "outputs=[topk]")
-    assert r.returncode == 2 and "outputs=[topk] needs a classifier" in r.stderr and "Traceback" not in r.stderr
+    from pipeline.errors import UserError
+
+    settings = tiny_settings(shard, tmp_path, source="open_clip", name="ViT-S-32", resize_size=224, crop_size=224,
+                             outputs=("topk",))
+    with pytest.raises(UserError, match=r"outputs=\[topk\] needs a classifier"):
+        score(settings)

@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import layouts
-from conftest import ROOT, TINY, run_cli, small_jpegs
+from conftest import ROOT, small_jpegs, tiny_settings, verify_output
+from pipeline.errors import UserError
+from pipeline.runner import score
 from pipeline.pack import write_shards
 
 
@@ -23,11 +25,12 @@ from pipeline.pack import write_shards
 def scored(shards, tmp_path_factory):
     """A finished run over the three test shards (23 rows), logs and metrics included."""
     out = tmp_path_factory.mktemp("scored") / "out"
-    r = run_cli("jobs.score", *TINY, f"data.shards=[{','.join(shards)}]", f"output.dir={out}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert score(tiny_settings(list(shards), out)) == 0
+    (out / "_logs" / "run").mkdir(parents=True)  # as the CLI leaves Hydra's logs
+    (out / "_logs" / "run" / "score.log").write_text("log\n")
     expected = sorted((row["shard"], row["key"]) for p in sorted(out.glob("*.parquet"))
                       for row in pq.read_table(p).to_pylist())
-    assert len(expected) == 23 and (out / "_logs").is_dir() and (out / "_metrics").is_dir()
+    assert len(expected) == 23 and (out / "_metrics").is_dir()
     return out, expected
 
 
@@ -54,7 +57,7 @@ def test_scores_join_img2dataset_metadata_by_key(tmp_path):
     (tmp_path / "in").mkdir()
     shard = layouts.img2dataset(str(tmp_path / "in"))
     out = tmp_path / "scores"
-    assert run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}").returncode == 0
+    assert score(tiny_settings(shard, out)) == 0
     meta = pa.table({"key": [f"{i:09d}" for i in range(10)], "url": [f"https://example.com/{i}.jpg" for i in range(10)],
                      "caption": [f"a synthetic photo number {i}" for i in range(10)]})
     pq.write_table(meta, tmp_path / "in" / "00000.parquet")
@@ -65,7 +68,7 @@ def test_scores_join_img2dataset_metadata_by_key(tmp_path):
     assert [row[0] for row in joined] == [f"{i:09d}" for i in range(10)] and joined[3][1].endswith("/3.jpg")
 
 
-@pytest.mark.parametrize("overwrite", ["false", "true"])
+@pytest.mark.parametrize("overwrite", [False, True])
 def test_a_foreign_parquet_file_is_never_overwritten(tmp_path, overwrite):
     """An img2dataset output folder holds 00000.parquet, the name our 00000.tar would write."""
     (tmp_path / "in").mkdir()
@@ -74,10 +77,9 @@ def test_a_foreign_parquet_file_is_never_overwritten(tmp_path, overwrite):
     out.mkdir()
     pq.write_table(pa.table({"key": ["x"], "caption": ["not ours"]}), out / "00000.parquet")
     before = (out / "00000.parquet").read_bytes()
-    r = run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}", f"output.overwrite={overwrite}")
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert str(out / "00000.parquet") in lines[0] and "did not write" in lines[0]
+    with pytest.raises(UserError, match="did not write") as error:
+        score(tiny_settings(shard, out, overwrite=overwrite))
+    assert str(out / "00000.parquet") in str(error.value) and "\n" not in str(error.value)
     assert (out / "00000.parquet").read_bytes() == before
     assert not (out / "_metrics").exists()  # stopped before any work
 
@@ -86,8 +88,9 @@ def test_a_foreign_parquet_file_under_another_name_also_stops_the_run(shards, tm
     out = tmp_path / "out"
     out.mkdir()
     pq.write_table(pa.table({"x": [1]}), out / "stats.parquet")
-    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={out}")
-    assert r.returncode == 2 and "stats.parquet" in r.stderr and not (out / "part-000000.parquet").exists()
+    with pytest.raises(UserError, match="stats.parquet"):
+        score(tiny_settings(shards[0], out))
+    assert not (out / "part-000000.parquet").exists()
 
 
 @pytest.mark.parametrize("decoder", ["dali", "torch"])
@@ -101,9 +104,7 @@ def test_kept_components_become_string_columns(tmp_path, decoder):
     ]
     shard = layouts.write_tar(str(tmp_path / "kept.tar"), samples)
     out = tmp_path / "out"
-    r = run_cli("jobs.score", *TINY, f"data.shards={shard}", f"output.dir={out}", f"decoder={decoder}",
-                "output.keep_components=[txt,json]")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert score(tiny_settings(shard, out, decoder=decoder, keep_components=("txt", "json"))) == 0
     table = pq.read_table(out / "kept.parquet")
     assert table.schema.field("txt").type == pa.string() and table.schema.field("json").type == pa.string()
     rows = table.to_pylist()
@@ -116,7 +117,7 @@ def test_kept_components_become_string_columns(tmp_path, decoder):
 def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
     """stderr to a file (as under Slurm): periodic lines with images/s and ETA, no carriage returns, and
     the rank's metrics file refreshed while the job runs; jobs.verify then says the rank is running."""
-    paths = write_shards(small_jpegs(200, seed=71), str(tmp_path / "in"), 50, "slow")
+    paths = write_shards(small_jpegs(120, seed=71), str(tmp_path / "in"), 30, "slow")
     pattern = os.path.join(os.path.dirname(paths[0]), "slow-*.tar")
     out = tmp_path / "out"
     slow = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1",
@@ -124,7 +125,7 @@ def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
     with open(tmp_path / "err.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *slow, f"data.shards={pattern}",
                                  f"output.dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        running, verify_output = None, ""
+        running, verify_table = None, ""
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and running is None:
             try:
@@ -133,21 +134,28 @@ def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
                 metrics = {}
             if metrics.get("running") and metrics.get("images", 0) > 0:
                 running = metrics
-                verify_output = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}").stdout
+                verify_table = verify_output(pattern, out)[1]
             time.sleep(0.2)
         assert proc.wait(timeout=600) == 0
     assert running is not None, "the metrics were not refreshed while the job ran"
-    assert running["total_images"] == 200 and running["progress"] and running["eta_seconds"] is not None
-    assert "1 running, 0 finished, 0 silent of 1" in verify_output and "ETA" in verify_output
+    assert running["total_images"] == 120 and running["progress"] and running["eta_seconds"] is not None
+    assert "1 running, 0 finished, 0 silent of 1" in verify_table and "ETA" in verify_table
     log = (tmp_path / "err.log").read_text()
     lines = [ln for ln in log.splitlines() if "[progress]" in ln]
     assert len(lines) >= 2 and "\r" not in log
     assert all("rate=" in ln and "/s" in ln and "eta=" in ln and "images=" in ln for ln in lines)
     final = json.loads((out / "_metrics" / "rank-00000.json").read_text())
-    assert final["running"] is False and final["images"] == 200
+    assert final["running"] is False and final["images"] == 120
 
 
-def test_no_progress_means_no_lines(shards, tmp_path):
-    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path}", "progress=false",
-                "log_every_s=0.01", "batch_size=2")
-    assert r.returncode == 0 and "[progress]" not in r.stderr and "\r" not in r.stderr
+def test_no_progress_means_no_lines(shards, tmp_path, capsys):
+    assert score(tiny_settings(shards[0], tmp_path, progress=False, log_every_s=0.01, batch_size=2)) == 0
+    err = capsys.readouterr().err
+    assert "[progress]" not in err and "\r" not in err
+
+
+def test_progress_lines_in_process(shards, tmp_path, capsys):
+    """The same check's positive side: stderr is not a terminal here, so lines, not a bar."""
+    assert score(tiny_settings(shards[0], tmp_path, progress=True, log_every_s=0.01, batch_size=2)) == 0
+    err = capsys.readouterr().err
+    assert "[progress]" in err and "\r" not in err

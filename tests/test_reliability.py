@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY, run_cli, small_jpegs
+from conftest import ROOT, small_jpegs, tiny_settings, verify_output
 from corrupt import write_corrupt_shard, write_good_only_shard
 from pipeline.errors import EXIT_REQUEUE
 from pipeline.pack import write_shards
@@ -54,21 +54,21 @@ def test_every_bad_sample_becomes_an_error_row(tmp_path, decoder):
     assert [r["topk_index"] for r in ok] == [r["topk_index"] for r in clean]
 
 
-def test_bad_shards_are_reported_and_the_rest_scored(shards, tmp_path):
+def test_bad_shards_are_reported_and_the_rest_scored(shards, tmp_path, caplog):
     truncated = tmp_path / "broken.tar"
     data = open(shards[0], "rb").read()
     truncated.write_bytes(data[: len(data) // 2])
     missing = tmp_path / "gone.tar"
     out = tmp_path / "out"
-    r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[1]},{truncated},{missing}]", f"output.dir={out}")
-    assert r.returncode == 1
+    caplog.set_level("INFO")
+    assert score(tiny_settings([shards[1], str(truncated), str(missing)], out)) == 1
     assert (out / "part-000001.parquet").exists()
     assert not (out / "broken.parquet").exists() and not (out / "gone.parquet").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert set(manifest["failed"]) == {"broken", "gone"} and not manifest["complete"]
     assert "truncated" in manifest["failed"]["broken"] and "no such file" in manifest["failed"]["gone"]
     assert not (out / "_SUCCESS").exists()
-    assert "shard failed shard=" in r.stdout + r.stderr
+    assert "shard failed shard=" in caplog.text
 
 
 def test_a_compressed_shard_that_fails_while_being_read(shards, tmp_path):
@@ -82,8 +82,7 @@ def test_a_compressed_shard_that_fails_while_being_read(shards, tmp_path):
     bad.write_bytes(data)
     os.utime(bad.with_suffix("").with_suffix(".idx"))  # the index stays newer than the shard: reused as is
     out = tmp_path / "out"
-    r = run_cli("jobs.score", *TINY, f"data.shards=[{shards[2]},{bad}]", f"output.dir={out}", "decoder=torch")
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert score(tiny_settings([shards[2], str(bad)], out, decoder="torch")) == 1
     assert not (out / "damaged.parquet").exists() and (out / "part-000002.parquet").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert set(manifest["failed"]) == {"damaged"} and not manifest["complete"]
@@ -120,10 +119,19 @@ def six_shards(tmp_path_factory):
 
 # Slow enough (224 px, batch 2) that the tests can catch the run between shards.
 SLOW = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1"]
+PATTERN = "six-{000000..000005}.tar"
+
+
+def slow_settings(six_shards, out):
+    """SLOW, in-process (the rerun after a kill need not be a process of its own)."""
+    from pipeline.settings import LoaderSettings
+
+    return tiny_settings(os.path.join(os.path.dirname(six_shards[0]), PATTERN), out, resize_size=256, crop_size=224,
+                         batch_size=2, loader=LoaderSettings(threads=1))
 
 
 def start(six_shards, out):
-    pattern = os.path.join(os.path.dirname(six_shards[0]), "six-{000000..000005}.tar")
+    pattern = os.path.join(os.path.dirname(six_shards[0]), PATTERN)
     return subprocess.Popen([sys.executable, "-m", "jobs.score", *SLOW, f"data.shards={pattern}", f"output.dir={out}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -150,8 +158,7 @@ def rows_of(out):
 @pytest.fixture(scope="module")
 def uninterrupted(six_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    proc = start(six_shards, out)
-    assert proc.wait(timeout=600) == 0
+    assert score(slow_settings(six_shards, out)) == 0
     return rows_of(out)
 
 
@@ -166,18 +173,15 @@ def test_sigkill_then_rerun_is_exactly_once(six_shards, uninterrupted, tmp_path,
     proc.kill()
     proc.wait()
     assert done_shards(out) < 6, "the run finished before it could be killed"
-    rerun = start(six_shards, out)
-    log, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, log[-2000:]
+    assert score(slow_settings(six_shards, out)) == 0  # the rerun
     assert [p for p in os.listdir(out) if ".tmp-" in p] == []
     assert rows_of(out) == uninterrupted
-    pattern = os.path.join(os.path.dirname(six_shards[0]), "six-{000000..000005}.tar")
-    verify = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={out}")
-    assert verify.returncode == 0, verify.stdout
-    assert "duplicate" not in verify.stdout and "missing  " not in verify.stdout
+    complete, table = verify_output(os.path.join(os.path.dirname(six_shards[0]), PATTERN), out)
+    assert complete, table
+    assert "duplicate" not in table and "missing  " not in table
 
 
-def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path):
+def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path, caplog):
     out = tmp_path / "out"
     proc = start(six_shards, out)
     assert wait_for(lambda: done_shards(out) >= 1, proc)
@@ -195,10 +199,9 @@ def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path):
     assert [p for p in os.listdir(out) if ".tmp-" in p] == []
     metrics = json.loads((out / "_metrics" / "rank-00000.json").read_text())
     assert metrics["stopped_by"] == "SIGTERM" and len(metrics["shards_remaining"]) == 6 - stopped_at
-    rerun = start(six_shards, out)
-    log, _ = rerun.communicate(timeout=600)
-    assert rerun.returncode == 0, log[-2000:]
-    assert f"{stopped_at} shard(s) already complete" in log
+    caplog.set_level("INFO")
+    assert score(slow_settings(six_shards, out)) == 0
+    assert f"{stopped_at} shard(s) already complete" in caplog.text
     assert rows_of(out) == uninterrupted
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -14,9 +15,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, TINY, run_cli, small_jpegs
+from conftest import ROOT, TINY, run_cli, small_jpegs, tiny_settings, verify_output
 from pipeline.bench.storage import LocalS3
 from pipeline.pack import write_shards
+from pipeline.runner import score
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
@@ -42,10 +44,6 @@ def rows(folder) -> list[tuple]:
                   for p in sorted(folder.glob("*.parquet")) for r in pq.read_table(p).to_pylist())
 
 
-def score(*args, env=None):
-    return run_cli("jobs.score", *TINY, *args, env=env)
-
-
 @pytest.fixture(scope="module")
 def local_rows(s3, tmp_path_factory):
     """The rows of the same shards read from local disk, per decoder (the two resample a little apart)."""
@@ -54,7 +52,7 @@ def local_rows(s3, tmp_path_factory):
     def of(decoder: str) -> list[tuple]:
         if decoder not in found:
             out = tmp_path_factory.mktemp(f"local-{decoder}")
-            assert score(f"data.shards=[{','.join(s3['local'])}]", f"output.dir={out}", f"decoder={decoder}").returncode == 0
+            assert score(tiny_settings(list(s3["local"]), out, decoder=decoder)) == 0
             found[decoder] = rows(out)
         return found[decoder]
 
@@ -64,13 +62,12 @@ def local_rows(s3, tmp_path_factory):
 @pytest.mark.parametrize("decoder, spec", [("dali", "s3://data/in/part-{000000..000002}.tar"),
                                            ("torch", "s3://data/in/part-*.tar"),
                                            ("auto", "s3://data/in/part-*.tar")])
-def test_both_decoders_read_s3_shards(s3, local_rows, tmp_path, decoder, spec):
+def test_both_decoders_read_s3_shards(s3, local_rows, tmp_path, decoder, spec, caplog):
     out = tmp_path / "out"
-    r = score(f"data.shards={spec}", f"output.dir={out}", f"decoder={decoder}", f"data.index_cache_dir={tmp_path / 'idx'}",
-              env=s3["env"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    caplog.set_level("INFO")
+    assert score(tiny_settings(spec, out, decoder=decoder, index_cache_dir=str(tmp_path / "idx"))) == 0
     assert rows(out) == local_rows("dali" if decoder == "dali" else "torch")  # auto streams object storage: torch
-    assert ("using decoder=torch" in r.stdout + r.stderr) == (decoder == "auto")
+    assert ("using decoder=torch" in caplog.text) == (decoder == "auto")
     assert len(list((tmp_path / "idx").glob("part-000000-*.idx"))) == 1  # the index sits in the local cache
 
 
@@ -88,8 +85,8 @@ def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
     table = pq.read_table("data/out-verify", filesystem=fs)  # one dataset: the _ names are skipped
     assert sorted((r["shard"], r["key"], r["status"], tuple(r["topk_index"] or ())) for r in table.to_pylist()) \
         == local_rows("torch")  # decoder=auto streams object storage with the torch decoder
-    verify = run_cli("jobs.verify", *args, env=s3["env"])
-    assert verify.returncode == 0 and "complete" in verify.stdout, verify.stdout + verify.stderr
+    complete, table = verify_output("s3://data/in/part-*.tar", url)
+    assert complete, table
     assert os.path.isdir(os.path.join(ROOT, "outputs", "logs", "data", "out-verify"))  # ./outputs/logs/<bucket>/<prefix>
 
 
@@ -113,32 +110,32 @@ def test_resume_after_sigkill_with_remote_output(s3, tmp_path):
     proc.wait()
     fs.invalidate_cache()
     assert len([p for p in fs.ls("data/out-kill") if p.endswith(".parquet")]) < 6, "finished before the kill"
-    rerun = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **s3["env"]}, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    from pipeline.settings import LoaderSettings
+
+    rerun = tiny_settings(pattern, url, resize_size=256, crop_size=224, batch_size=2, loader=LoaderSettings(threads=1))
+    assert score(rerun) == 0
     fs.invalidate_cache()
     table = pq.read_table("data/out-kill", filesystem=fs)
     keys = [(r["shard"], r["key"]) for r in table.to_pylist()]
     assert len(keys) == len(set(keys)) == 24  # exactly one row per key
-    verify = run_cli("jobs.verify", f"data.shards={pattern}", f"output.dir={url}", env=s3["env"])
-    assert verify.returncode == 0, verify.stdout
+    complete, table = verify_output(pattern, url)
+    assert complete, table
 
 
 def test_a_changed_object_is_indexed_again(s3, tmp_path):
     fs = s3["fs"]
     fs.put(s3["local"][0], "data/change/part-000000.tar")
-    args = ["data.shards=s3://data/change/part-000000.tar", f"output.dir={tmp_path / 'out'}",
-            f"data.index_cache_dir={tmp_path / 'idx'}"]
-    assert score(*args, env=s3["env"]).returncode == 0
+    settings = tiny_settings("s3://data/change/part-000000.tar", tmp_path / "out", index_cache_dir=str(tmp_path / "idx"))
+    assert score(settings) == 0
     assert pq.read_metadata(tmp_path / "out" / "part-000000.parquet").num_rows == 7
     other = write_shards(small_jpegs(5, seed=63), str(tmp_path / "other"), 5, "part")[0]
     fs.put(other, "data/change/part-000000.tar")  # same name, new content
-    r = score(*args, env=s3["env"])
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert score(settings) == 0
     assert len(list((tmp_path / "idx").glob("part-000000-*.idx"))) == 2
     assert pq.read_metadata(tmp_path / "out" / "part-000000.parquet").num_rows == 5  # redone by the one rule
 
 
-def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path):
+def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path, caplog):
     folder = os.path.dirname(s3["local"][0])
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=folder, **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -151,9 +148,9 @@ def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path
             listing = tmp_path / f"{kind}.txt"
             listing.write_text("\n".join(spec) + "\n")
             out = tmp_path / kind
-            r = score(f"data.shards={listing}", f"output.dir={out}", f"data.index_cache_dir={tmp_path / 'idx'}")
-            assert r.returncode == 0, r.stderr[-3000:]
-            assert "decoder=torch" in r.stderr + r.stdout
+            caplog.set_level("INFO")
+            assert score(tiny_settings(str(listing), out, index_cache_dir=str(tmp_path / "idx"))) == 0
+            assert "decoder=torch" in caplog.text
             assert rows(out) == local_rows("torch")
     finally:
         server.shutdown()
@@ -162,20 +159,13 @@ def test_pipe_and_http_shards_through_the_torch_decoder(s3, local_rows, tmp_path
 def test_staged_s3_shards_are_decoded_by_dali_with_bounded_disk(s3, local_rows, tmp_path):
     """data.stage_dir: decoder=auto reads object storage with DALI from staged local copies, at most
     stage_ahead shards on disk at a time, none left afterwards."""
-    from pipeline.runner import score as score_in_process
-    from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
-
     stage = tmp_path / "stage"
     (stage / "shardscore-999999999").mkdir(parents=True)  # what a killed run left: removed
-    settings = ScoreSettings(
-        data=DataSettings(shards="s3://data/in/part-*.tar", stage_dir=str(stage), stage_ahead=2,
-                          index_cache_dir=str(tmp_path / "idx")),
-        output=OutputSettings(dir=str(tmp_path / "out")),
-        model=ModelSettings(name="resnet18", weights=None, resize_size=72, crop_size=64),
-        batch_size=16, precision="fp32", progress=False)
-    assert score_in_process(settings) == 0
+    settings = tiny_settings("s3://data/in/part-*.tar", tmp_path / "out", stage_dir=str(stage), stage_ahead=2,
+                             index_cache_dir=str(tmp_path / "idx"))
+    assert score(settings) == 0
     assert rows(tmp_path / "out") == local_rows("dali")
-    metrics = __import__("json").loads((tmp_path / "out" / "_metrics" / "rank-00000.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "_metrics" / "rank-00000.json").read_text())
     assert metrics["decoder"] == "dali"
     assert metrics["staged"]["shards"] == 3 and 1 <= metrics["staged"]["peak_shards_on_disk"] <= 2
     assert list(stage.iterdir()) == []  # every staged copy removed, and the abandoned folder too

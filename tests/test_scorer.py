@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, tiny_settings
 from pipeline.batch import Batch, Rows
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.runner import score
@@ -212,11 +212,24 @@ def run_library(shards, out, batch_size, decoder="torch", inject_above=None, pre
     return code, [row for t in tables for row in t.to_pylist()]
 
 
-@pytest.mark.parametrize("batch_size,inject_above", [(8, 1), (8, 3), (8, 7), (7, 3), (7, 100), (5, 4)])
-def test_run_output_unchanged_by_oom(shards, tmp_path, batch_size, inject_above):
+@pytest.fixture(scope="module")
+def clean_runs(shards, tmp_path_factory):
+    """The OOM-free run at each batch size, once."""
+    found = {}
+
+    def of(batch_size):
+        if batch_size not in found:
+            found[batch_size] = run_library(shards, tmp_path_factory.mktemp(f"clean{batch_size}"), batch_size)
+        return found[batch_size]
+
+    return of
+
+
+@pytest.mark.parametrize("batch_size,inject_above", [(8, 1), (8, 3), (7, 3), (7, 100), (5, 4)])
+def test_run_output_unchanged_by_oom(shards, clean_runs, tmp_path, batch_size, inject_above):
     """23 samples; batch sizes that do (none here divide 23 but 1) and don't divide the data. CPU conv
     kernels for a batch of 1 take another algorithm, so fp32 logits may differ in the 6th digit."""
-    code, clean = run_library(shards, tmp_path / "clean", batch_size)
+    code, clean = clean_runs(batch_size)
     code_oom, rows = run_library(shards, tmp_path / "oom", batch_size, inject_above=inject_above)
     assert code == code_oom == 0
     assert [(r["shard"], r["key"]) for r in rows] == [(r["shard"], r["key"]) for r in clean]
@@ -226,18 +239,16 @@ def test_run_output_unchanged_by_oom(shards, tmp_path, batch_size, inject_above)
     np.testing.assert_allclose([r["scores"] for r in rows], [r["scores"] for r in clean], atol=2e-2)
 
 
-def test_cli_oom_recovery_is_visible(shards, tmp_path):
-    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path}", "batch_size=8",
-                "oom.inject_above=3", "decoder=dali")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "OOM at micro-batch 8 on cpu; retrying at 4" in r.stderr + r.stdout
+def test_oom_recovery_is_visible(shards, tmp_path, caplog):
+    assert score(tiny_settings(shards[0], tmp_path, batch_size=8, oom=OomSettings(inject_above=3), decoder="dali")) == 0
+    assert "OOM at micro-batch 8 on cpu; retrying at 4" in caplog.text
     metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
     assert metrics["oom_events"] == 2 and metrics["micro_batch"] == 2 and metrics["min_micro_batch"] == 2
 
 
 def test_cli_oom_at_one_row_fails_cleanly(shards, tmp_path):
     base = [*TINY, f"output.dir={tmp_path}", "batch_size=4"]
-    assert run_cli("jobs.score", *base, f"data.shards={shards[0]}").returncode == 0
+    assert score(tiny_settings(shards[0], tmp_path, batch_size=4)) == 0
     done = (tmp_path / "part-000000.parquet").read_bytes()
     r = run_cli("jobs.score", *base, f"data.shards=[{shards[0]},{shards[1]}]", "oom.inject_above=0")
     assert r.returncode == 1
@@ -249,16 +260,17 @@ def test_cli_oom_at_one_row_fails_cleanly(shards, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
-def test_cli_batch_size_auto_respects_memory(shards, tmp_path):
-    r = run_cli("jobs.score", *TINY, f"data.shards={shards[2]}", f"output.dir={tmp_path}", "batch_size=auto",
-                "auto.max_batch_size=128", "auto.repeats=1", "oom.inject_above=48")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert re.search(r"batch \|\s+ms/batch \|\s+images/s \|\s+peak MB", r.stdout)
-    assert re.search(r"^\s*64 \|\s+OOM", r.stdout, re.MULTILINE)
+def test_batch_size_auto_respects_memory(shards, tmp_path, capsys):
+    settings = tiny_settings(shards[2], tmp_path, batch_size="auto", auto=AutoBatchSettings(max_batch_size=128, repeats=1),
+                             oom=OomSettings(inject_above=48))
+    assert score(settings) == 0
+    r = capsys.readouterr()
+    assert re.search(r"batch \|\s+ms/batch \|\s+images/s \|\s+peak MB", r.out)
+    assert re.search(r"^\s*64 \|\s+OOM", r.out, re.MULTILINE)
     metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
     assert metrics["batch_size"] <= 32
     assert [p["batch"] for p in metrics["auto_batch_table"]] == [1, 2, 4, 8, 16, 32, 64]
-    assert f"chose batch_size={metrics['batch_size']}" in r.stdout
+    assert f"chose batch_size={metrics['batch_size']}" in r.out
 
 
 def test_compile_happens_once_after_the_batch_size_is_chosen(shards, tmp_path):

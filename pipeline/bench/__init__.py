@@ -56,6 +56,7 @@ class OverheadSettings:
     shard_cost_nofile: int | None = None  # the open-file limit of those processes (ulimit -n), e.g. 1024
     corrupt_cost: bool = True  # also: what one corrupt JPEG costs DALI in a batch of 256 photos
     storage_cost: bool = False  # also: the few-shards layout read from a local S3 server vs local disk (needs moto)
+    storage_decoders: tuple[str, ...] = ("dali", "torch")
     extra: tuple[str, ...] = ()  # more jobs.score overrides for the score_* runs, e.g. [loader.threads=1]
 
     def __post_init__(self):

@@ -85,7 +85,7 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
         few = min(o.shard_cost_layouts)
         folder = layouts.get(few) or tiny_shards(os.path.join(root, f"shards-{few}x{o.shard_cost_rows // few}"),
                                                  few, o.shard_cost_rows // few, o.image_size)
-        report["storage_cost"] = storage_cost(job, folder, o.rounds)
+        report["storage_cost"] = storage_cost(job, folder, o.rounds, o.storage_decoders)
     if o.corrupt_cost:
         report["corrupt_cost"] = corrupt_cost(root, settings, o.rounds)
     print(format_overhead_table(report), flush=True)

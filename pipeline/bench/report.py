@@ -118,7 +118,7 @@ def format_overhead_table(report: dict) -> str:
                      f"{' '.join(f'{v:.2f}' for v in c['job_ms_per_extra_shard_per_round'])}); "
                      f"peak RSS {c['peak_rss_mb_few']} / {c['peak_rss_mb_many']} MB")
     storage = report.get("storage_cost")
-    for decoder in ("dali", "torch") if storage else ():
+    for decoder in [d for d in ("dali", "torch") if storage and d in storage]:
         for place, what in (("s3", "indexed first"), ("s3_cached", "index cached"), ("s3_staged", "staged, data.stage_dir")):
             if place not in storage[decoder]:
                 continue

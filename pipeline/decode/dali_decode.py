@@ -37,6 +37,12 @@ class _OutOfMemory(Exception):
     pass
 
 
+class _ReferenceOutOfMemory(Exception):
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class DecodeStage:
     """Encoded images → model inputs [n, S, S, 3] (NHWC: channels_last once permuted) on the device.
 
@@ -51,7 +57,7 @@ class DecodeStage:
         self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
         self.fallbacks = 0  # batches that failed and had their images judged one by one
         self.oom_events = 0
-        self.reference_decodes = 0  # images the main decoder failed and the CPU reference decoded
+        self.reference_decodes = 0  # images decoded by the reference (DALI's CPU decoder, else torchvision) instead
         self._inject_oom_above = oom.inject_decode_above
         self._pipe = DecodePipeline(preprocess, batch_size, device, dtype, loader)
         self._reference: DecodePipeline | None = None  # built when a batch first fails, then kept
@@ -62,8 +68,11 @@ class DecodeStage:
     def start(self, encoded) -> int:
         token, self._next_token = self._next_token, self._next_token + 1
         if len(encoded) <= self.policy.next_size():  # else `finish` decodes it in smaller batches
-            self._pipe.feed(encoded)
-            self._queued.append(token)
+            try:
+                self._pipe.feed(encoded)
+                self._queued.append(token)
+            except DECODE_ERRORS as e:  # DALI could not even take the batch in (out of host memory, say)
+                self._results[token] = e
         return token
 
     def finish(self, token: int, encoded) -> tuple[torch.Tensor, list[int]]:
@@ -143,8 +152,7 @@ class DecodeStage:
             if error is not None:
                 output, error = error, None
             else:
-                self._pipe.feed([chunk[i] for i in todo])
-                output = self._own(self._output())
+                output = self._run([chunk[i] for i in todo])
             if isinstance(output, torch.Tensor):
                 for i, image in zip(todo, output.split(1)):
                     results[i] = image
@@ -158,13 +166,24 @@ class DecodeStage:
                     results[i] = image
                 return results
             i = todo.pop(named)
-            results[i] = self._reference_decode(chunk[i])
+            try:
+                results[i] = self._reference_decode(chunk[i])
+            except _ReferenceOutOfMemory as e:
+                self._shrink(len(todo) + 1, e.error)
             if results[i] is not None:  # the bytes are fine: the main decoder failed for another reason
                 self.reference_decodes += 1
                 misses += 1
                 if misses > 1 and len(todo) > 1:  # more than one such image: most likely device memory
                     self._shrink(len(todo) + 1, output)
         return results
+
+    def _run(self, items: list):
+        """Decode `items` on the main pipeline now: their images, or the error DALI raised."""
+        try:
+            self._pipe.feed(items)
+        except DECODE_ERRORS as e:
+            return e
+        return self._own(self._output())
 
     def _judge(self, items: list) -> list[torch.Tensor | None]:
         """Decode `items` on the reference pipeline: per item its image, or None when it fails alone there."""
@@ -178,7 +197,8 @@ class DecodeStage:
                     results[i] = dev.to_device(image.clone(), self.device)
                 continue
             if len(group) == 1:
-                continue  # fails alone: decode_error
+                results[group[0]] = self._second_opinion(items[group[0]])  # None: decode_error
+                continue
             named = _failed_sample(output, len(group))
             if named is not None and not dev.is_out_of_memory(output):
                 groups.append([i for k, i in enumerate(group) if k != named])
@@ -186,23 +206,41 @@ class DecodeStage:
                 continue
             size = math.isqrt(len(group)) if not dev.is_out_of_memory(output) else (len(group) + 1) // 2
             groups += [group[s: s + size] for s in range(0, len(group), size)]
+        self.reference_decodes += sum(r is not None for r in results)
         return results
 
     def _reference_decode(self, item) -> torch.Tensor | None:
-        """One image on the reference pipeline (once more after releasing memory, if it fails)."""
+        """One image on the reference pipeline; if that fails too, the torch back-end's decoder decides."""
         output = self._reference_run([item])
-        if not isinstance(output, torch.Tensor):
-            dev.release_memory(self.device)
-            output = self._reference_run([item])
-        return dev.to_device(output.clone(), self.device) if isinstance(output, torch.Tensor) else None
+        if isinstance(output, torch.Tensor):
+            return dev.to_device(output.clone(), self.device)
+        return self._second_opinion(item)
+
+    def _second_opinion(self, item) -> torch.Tensor | None:
+        """An image DALI's CPU decoder failed on alone, decoded by torchvision (what decoder=torch does): its
+        image, or None when it fails there too (decode_error). DALI says only "Failed to decode sample #i"
+        even when the decoder ran out of memory; torchvision says which it was."""
+        try:
+            from pipeline.decode.torch import decode_and_crop  # (torchvision: imported on the first need)
+
+            crop = decode_and_crop(memoryview(np.ascontiguousarray(item)), self.preprocess)
+        except Exception as e:  # noqa: BLE001 (any decoder error: the image is bad)
+            if dev.is_out_of_memory(e):
+                raise _ReferenceOutOfMemory(e) from None
+            return None
+        p = self.preprocess
+        mean = torch.tensor(p.mean).mul_(255)
+        std = torch.tensor(p.std).mul_(255)
+        image = (crop.permute(1, 2, 0)[None].float() - mean) / std
+        return dev.to_device(image.to(_output_dtype(self.dtype)), self.device)
 
     def _reference_run(self, items: list):
         if self._reference is None:
             log.info("building DALI's CPU decode pipeline to judge images the %s decoder failed on", self.device.type)
             self._reference = DecodePipeline(self.preprocess, self.batch_size, torch.device("cpu"), self.dtype,
                                               self.loader)
-        self._reference.feed(items)
         try:
+            self._reference.feed(items)
             return self._reference.output()
         except DECODE_ERRORS as e:
             self._reference.ensure_usable()

@@ -121,7 +121,7 @@ class ShardSamples(IterableDataset):
         crop = self._placeholder
         if status == OK:
             try:
-                crop = self._transform(image)
+                crop = decode_and_crop(image, self.preprocess)
             except Exception as e:  # torchvision's message starts with its source location: keep the reason
                 reason = one_line(e).rsplit(", ", 1)[-1]
                 status, error = "decode_error", f"corrupt or truncated image data (torchvision: {reason})"
@@ -135,18 +135,21 @@ class ShardSamples(IterableDataset):
             add_kept(rows, name, components[ext] if ext is not None else None)
         return crop
 
-    def _transform(self, data) -> torch.Tensor:
-        p = self.preprocess
-        encoded = torch.frombuffer(data if isinstance(data, memoryview) else bytearray(data), dtype=torch.uint8)
-        # Orientation as cameras intend, as DALI's decoder applies it.
-        image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-            image = F.to_dtype(image, torch.uint8, scale=True)
-        height, width = p.resized_shape(*image.shape[-2:])
-        if (height, width) != tuple(image.shape[-2:]):
-            image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
-        top, left = p.crop_origin(height, width)
-        return image[:, top : top + p.crop_size, left : left + p.crop_size]
+
+
+def decode_and_crop(data, p: Preprocess) -> torch.Tensor:
+    """An encoded image → its uint8 crop [3, S, S]: torchvision's decoder, resized and cropped with the
+    geometry both back-ends share. Raises what the decoder raises for bad data."""
+    encoded = torch.frombuffer(data if isinstance(data, memoryview) else bytearray(data), dtype=torch.uint8)
+    # Orientation as cameras intend, as DALI's decoder applies it.
+    image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    height, width = p.resized_shape(*image.shape[-2:])
+    if (height, width) != tuple(image.shape[-2:]):
+        image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
+    top, left = p.crop_origin(height, width)
+    return image[:, top : top + p.crop_size, left : left + p.crop_size]
 
 
 def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
