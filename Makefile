@@ -25,9 +25,11 @@ demo: install
 
 # The whole suite, Slurm integration tests included: tests/test_slurm.py starts its own one-node
 # cluster (slurm/cluster.sh, as root; own state folder and ports) and stops it at the end. The report's
-# screenshot test needs Debian's chromium, installed here when missing (as root).
+# screenshot test needs Debian's chromium, installed here when missing (as root). Two pytest workers:
+# many tests wait on processes of their own (Slurm, signals, S3); the Slurm ones share one worker.
+TEST_WORKERS ?= 2
 test: install chromium
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup
 
 chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \

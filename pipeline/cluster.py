@@ -13,8 +13,6 @@ import logging
 import os
 import signal
 
-import torch
-
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,10 +53,12 @@ def given_gpus() -> str | None:
     return None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str):
     """`cpu`; `cuda` (this process's GPU, or a user error); `auto`: the GPU when CUDA works, the CPU when
     no GPU was given. A GPU given but unusable (a driver too old for this CUDA build, say) ends the run
     before any work: an overnight run on the CPU by accident is worse than no run."""
+    import torch  # here, not at the top: the rank rule is also read before torch is (for Hydra's log folder)
+
     if name == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
@@ -76,6 +76,8 @@ def resolve_device(name: str) -> torch.device:
 
 def cuda_error() -> str:
     """Why CUDA is not available, in torch's words."""
+    import torch
+
     try:
         torch.cuda.init()
     except Exception as e:  # torch raises RuntimeError or AssertionError, depending on the build
@@ -138,6 +140,8 @@ def use_cpu_share() -> list[int]:
     try:
         if sorted(os.sched_getaffinity(0)) != share:
             os.sched_setaffinity(0, share)
+            import torch
+
             torch.set_num_threads(len(share))
             log.info("local rank %d of %d: CPUs %s", local_rank(), local_processes(), _ranges(share))
     except AttributeError:  # not Linux

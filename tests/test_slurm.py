@@ -22,7 +22,7 @@ from conftest import ROOT, TINY, small_jpegs
 from pipeline.pack import write_shards
 from pipeline.shard_index import read_index
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]  # one cluster, in one worker
 NEEDS_ROOT = "the Slurm test cluster needs root (slurm/cluster.sh starts munged, slurmctld and slurmd)"
 if os.geteuid() != 0 and os.environ.get("SHARDSCORE_REQUIRE_SLURM") != "1":
     pytest.skip(NEEDS_ROOT, allow_module_level=True)
