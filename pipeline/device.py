@@ -102,8 +102,6 @@ def release_memory(device: torch.device) -> None:
 
 
 _LIBC = None
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-HOST_MMAP_THRESHOLD = 4 * 2**20
 
 
 def _libc():
@@ -114,19 +112,9 @@ def _libc():
 
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):  # not glibc
             _LIBC = False
     return _LIBC
-
-
-def keep_host_heap_flat() -> None:
-    """Host buffers of 4 MiB and more (batch tensors, decoded images) get memory of their own from the
-    system, returned when freed. glibc would otherwise raise this threshold to the largest block freed so
-    far, serve every batch from its heap, and hold the heap's high-water mark (seen: +250 MB over a night)."""
-    libc = _libc()
-    if libc:
-        libc.mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
 
 
 def trim_host_memory() -> None:

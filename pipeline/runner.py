@@ -39,7 +39,7 @@ from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
 
-TRIM_EVERY = 64  # batches between giving freed heap memory back to the system
+TRIM_EVERY = 16  # batches between giving freed heap memory back to the system
 
 
 class StopSignals:
@@ -114,7 +114,6 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     """Everything a run needs, from its settings; `build` makes model.module's object (Hydra's instantiate,
     passed by jobs/, so the library itself never imports Hydra)."""
     started = time.perf_counter()
-    dev.keep_host_heap_flat()
     cluster.use_cpu_share()
     if settings.loader.threads is None:
         settings = replace(settings, loader=replace(settings.loader, threads=cluster.cpus_available()))

@@ -277,3 +277,10 @@ def test_an_image_only_torchvision_decodes_is_scored_with_its_decode():
     crop = decode_and_crop(batch[2].tobytes(), PRE).permute(1, 2, 0).float()
     expected = (crop - torch.tensor(PRE.mean) * 255) / (torch.tensor(PRE.std) * 255)
     torch.testing.assert_close(images[2], expected)
+
+
+def test_the_decode_batch_regrows_after_oom_regrow_after_good_batches():
+    s = stage(batch_size=8, regrow_after=2)
+    fail_once(s, "std::bad_alloc", when=lambda n: n > 4)
+    decode(s, [jpegs(8, i) for i in range(4)])
+    assert s.oom_events == 1 and s.policy.size == 8  # halved to 4, then doubled back after two good batches

@@ -186,6 +186,13 @@ def test_padded_tail_chunk_keeps_the_shape_and_memory_format():
     assert all(memory_format_kept for _, memory_format_kept in seen)
 
 
+def test_a_batch_of_another_size_is_refused():
+    """The decoder and the scorer get the batch size from one place; if they ever disagree, say so."""
+    scorer = Scorer(OomAbove(limit=100), 8, torch.device("cpu"), OomSettings())
+    with pytest.raises(RuntimeError, match="a batch of 4 rows reached a scorer of batch size 8"):
+        scorer.forward(make_batch(4, 4).images)
+
+
 def test_other_errors_are_not_retried():
     class Broken(nn.Module):
         calls = 0

@@ -31,6 +31,7 @@ CLUSTER_SH = os.path.join(ROOT, "slurm", "cluster.sh")
 SBATCH = os.path.join(ROOT, "slurm", "score.sbatch")
 # The cluster's GPUs are stand-ins (CUDA_VISIBLE_DEVICES is set, CUDA is not there): device=cpu on purpose.
 FAST = [*TINY, "decoder=torch", "device=cpu"]
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 
 
 class Cluster:
@@ -51,16 +52,22 @@ class Cluster:
         return self.run("sbatch", *opts, *sbatch_opts, SBATCH, *overrides).stdout.strip().split(";")[0]
 
     def tasks(self, job: str) -> dict[str, dict[str, str]]:
-        """Slurm's record of each task of an array job (no accounting needed): {array index: fields}."""
-        out = self.run("scontrol", "-o", "show", "job", job, check=False).stdout
-        records = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines()]
+        """Slurm's record of each task of an array job (no accounting needed): {array index: fields}; {} when
+        slurmctld did not answer."""
+        r = self.run("scontrol", "-o", "show", "job", job, check=False)
+        if r.returncode != 0:
+            return {}
+        records = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in r.stdout.splitlines()]
         return {r.get("ArrayTaskId", "-"): r for r in records}
 
     def wait(self, job: str, timeout: float, logs=None) -> dict[str, dict[str, str]]:
+        """The tasks' records once every task has ended. Decided from the records themselves: an empty
+        squeue can also mean a slurmctld too busy to answer, or a task between its requeue and its restart."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.run("squeue", "-h", "-j", job, check=False).stdout.strip():
-                return self.tasks(job)
+            tasks = self.tasks(job)
+            if tasks and all(t.get("JobState") in ENDED for t in tasks.values()):
+                return tasks
             time.sleep(0.5)
         self.run("scancel", job, check=False)
         pytest.fail(f"job {job} still queued or running after {timeout:.0f} s\n{read_logs(logs)}")

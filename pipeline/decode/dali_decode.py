@@ -223,7 +223,7 @@ class DecodeStage:
         try:
             from pipeline.decode.torch import decode_and_crop  # (torchvision: imported on the first need)
 
-            crop = decode_and_crop(memoryview(np.ascontiguousarray(item)), self.preprocess)
+            crop = decode_and_crop(np.ascontiguousarray(item).tobytes(), self.preprocess)
         except Exception as e:  # noqa: BLE001 (any decoder error: the image is bad)
             if dev.is_out_of_memory(e):
                 raise _ReferenceOutOfMemory(e) from None
