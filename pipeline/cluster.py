@@ -116,6 +116,9 @@ def _expand_slurm_counts(text: str) -> list[int]:
     return counts
 
 
+_applied_share: tuple[int, list[int]] | None = None  # (pid, CPUs) once use_cpu_share has narrowed the mask
+
+
 def cpu_share() -> list[int]:
     """The CPUs this process should use: its affinity mask, or, when the job's processes on this node all
     have the same mask (torchrun's ranks; Slurm tasks that are not bound to CPUs of their own), this
@@ -124,6 +127,8 @@ def cpu_share() -> list[int]:
         mask = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return list(range(os.cpu_count() or 1))
+    if _applied_share == (os.getpid(), mask):  # use_cpu_share narrowed this process already
+        return mask
     local = local_processes()
     shared = "LOCAL_WORLD_SIZE" in os.environ or len(mask) == (os.cpu_count() or len(mask))
     if local <= 1 or not shared:
@@ -136,10 +141,12 @@ def cpu_share() -> list[int]:
 def use_cpu_share() -> list[int]:
     """Keep this process (its decoder workers and threads, and DALI's, which DALI would otherwise pin to
     the GPU's NVML CPU set, the same for every rank) to its share of the CPUs; returns them."""
+    global _applied_share
     share = cpu_share()
     try:
         if sorted(os.sched_getaffinity(0)) != share:
             os.sched_setaffinity(0, share)
+            _applied_share = (os.getpid(), share)
             import torch
 
             torch.set_num_threads(len(share))

@@ -33,7 +33,7 @@ from pipeline.sources import Builder
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
-from pipeline.stage import Stager, can_stage
+from pipeline.stage import Stager, can_stage, check_stage_dir
 from pipeline.shards import BackgroundIndexing, Shard, assign_to_rank, expand_shards, open_shard, shard_name
 from pipeline.writer import META_KEY, ShardWriter, run_identity
 
@@ -126,6 +126,8 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     mine = assign_to_rank(all_paths, rank, world_size)
     m, d, out = settings.model, settings.data, settings.output
     check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
+    if d.stage_dir:
+        check_stage_dir(d.stage_dir)
     indexing = BackgroundIndexing(mine, d.index_cache_dir, settings.loader.threads)
     try:
         loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
@@ -211,8 +213,13 @@ class Runner:
                 stager = Stager(todo, d.stage_dir, d.stage_ahead)
             else:
                 log.info("data.stage_dir is not used: decoder=torch streams remote shards itself")
-        decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
-                               self.settings.loader, self.settings.oom, stager)
+        try:
+            decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
+                                   self.settings.loader, self.settings.oom, stager)
+        except BaseException:
+            if stager is not None:
+                stager.close()
+            raise
         self._decoder = decoder
         items = iter(decoder)
         pending = None  # (rows, host copy of their outputs) of the batch before the one on the device

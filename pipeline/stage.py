@@ -4,7 +4,8 @@ of a request per sample component.
 
 At most `ahead` shards are on disk or being fetched at a time, and each staged file is removed once the
 decoder is done with it, so the disk used is bounded by a few shards whatever the rank's size. Each
-process stages into a folder of its own; folders a killed process left behind are removed at start.
+process stages into a folder of its own (named by host and process id, so a stage_dir shared by nodes
+works); the folders a killed process of this host left behind are removed at start.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from pipeline.errors import UserError
 from pipeline.layout import filesystem, is_url
 from pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
 
-PART_BYTES = 16 * 2**20  # one ranged GET
-PARTS_IN_FLIGHT = 8  # ranged GETs at once per shard (and so at most 128 MiB of a shard in memory)
+PART_BYTES = 8 * 2**20  # one ranged GET
+PARTS_IN_FLIGHT = 4  # ranged GETs at once per shard: at most 32 MiB of it in memory, × stage_ahead per process
 
 
 def can_stage(shard: Shard) -> bool:
@@ -39,7 +42,7 @@ class Stager:
 
     def __init__(self, shards: list[Shard], stage_dir: str, ahead: int):
         remove_abandoned(stage_dir)
-        self.dir = os.path.join(stage_dir, f"shardscore-{os.getpid()}")
+        self.dir = os.path.join(stage_dir, f"{_folder_prefix()}{os.getpid()}")
         os.makedirs(self.dir, exist_ok=True)
         self._queue = [s for s in shards if can_stage(s)]
         self._pool = ThreadPoolExecutor(max_workers=max(1, ahead), thread_name_prefix="shardscore-stage")
@@ -106,12 +109,13 @@ class Stager:
                 for i in range(0, len(ranges), PARTS_IN_FLIGHT):
                     group = ranges[i:i + PARTS_IN_FLIGHT]
                     starts, stops = [a for a, _ in group], [b for _, b in group]
-                    for offset, data in zip(starts, fs.cat_ranges([inner] * len(group), starts, stops, on_error="return")):
+                    parts = fs.cat_ranges([inner] * len(group), starts, stops, on_error="return")
+                    for offset, stop, data in zip(starts, stops, parts):
                         if isinstance(data, BaseException):
                             raise data
+                        if len(data) != stop - offset:  # (the file is already `size` long: holes would pass)
+                            raise StageError(f"got {len(data)} of the {stop - offset} bytes at offset {offset}")
                         os.pwrite(f.fileno(), data, offset)
-            if os.path.getsize(tmp) != size:
-                raise StageError(f"staged {os.path.getsize(tmp)} of {size} bytes")
             os.replace(tmp, path)
         except Exception as e:
             _remove(tmp)
@@ -132,13 +136,28 @@ def _remove(path: str) -> None:
         pass
 
 
+def check_stage_dir(stage_dir: str) -> None:
+    """A stage_dir that cannot be used is the user's to fix: say so before any work."""
+    try:
+        os.makedirs(stage_dir, exist_ok=True)
+        if not os.access(stage_dir, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise UserError(f"data.stage_dir={stage_dir}: cannot stage shards there ({e.strerror or e})") from None
+
+
+def _folder_prefix() -> str:
+    return f"shardscore-{socket.gethostname()}-"
+
+
 def remove_abandoned(stage_dir: str) -> None:
-    """Staging folders of processes that no longer run (killed before they could clean up)."""
+    """Staging folders of this host's processes that no longer run (killed before they could clean up)."""
     if not os.path.isdir(stage_dir):
         return
+    prefix = _folder_prefix()
     for name in os.listdir(stage_dir):
-        pid = name.removeprefix("shardscore-")
-        if name.startswith("shardscore-") and pid.isdigit() and not _alive(int(pid)):
+        pid = name.removeprefix(prefix)
+        if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(os.path.join(stage_dir, name), ignore_errors=True)
 
 

@@ -21,6 +21,8 @@ BAD = {
                                    "cannot build model.module nopkg.Net"),
     "unknown output kind": (["outputs=[logits]"], "outputs must be a list of distinct topk, embedding, scores"),
     "nearest interpolation": (["model.interpolation=nearest"], "model.interpolation must be one of bilinear|bicubic"),
+    "stage dir under a file": (["data.stage_dir=/dev/null/stage"],
+                               "data.stage_dir=/dev/null/stage: cannot stage shards there (Not a directory)"),
 }
 
 

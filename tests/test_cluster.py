@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY, run_cli, small_jpegs, tiny_settings
 from pipeline.runner import score
@@ -104,6 +105,20 @@ def test_the_cpu_share_of_local_ranks(clean_env):
     clean_env.setenv("SLURM_TASKS_PER_NODE", "2(x3),1")
     clean_env.setenv("SLURM_NODEID", "3")
     assert cluster.local_processes() == 1
+
+
+def test_a_rank_takes_its_share_of_the_cpus_once(clean_env, monkeypatch):
+    """After use_cpu_share narrowed the mask, the thread count is the share, not the share's share."""
+    mask = {"now": list(range(8))}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(mask["now"]))
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: mask.update(now=sorted(cpus)))
+    monkeypatch.setattr(cluster, "_applied_share", None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("DALI_AFFINITY_MASK", raising=False)  # (use_cpu_share sets it; undone after the test)
+    clean_env.setenv("LOCAL_WORLD_SIZE", "4")
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert cluster.use_cpu_share() == [2, 3] and mask["now"] == [2, 3]
+    assert cluster.cpus_available() == 2 and cluster.use_cpu_share() == [2, 3]  # a second plan() changes nothing
 
 
 def test_a_gpu_given_but_unusable_stops_the_run(four_shards, tmp_path, monkeypatch):

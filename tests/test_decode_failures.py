@@ -284,3 +284,31 @@ def test_the_decode_batch_regrows_after_oom_regrow_after_good_batches():
     fail_once(s, "std::bad_alloc", when=lambda n: n > 4)
     decode(s, [jpegs(8, i) for i in range(4)])
     assert s.oom_events == 1 and s.policy.size == 8  # halved to 4, then doubled back after two good batches
+
+
+def test_a_batch_held_back_after_oom_does_not_take_the_next_batchs_images():
+    """After a halving, a full batch is not fed whole but a short one behind it is (a window's tail): the
+    held-back batch must not be given the short batch's output."""
+    batches = [jpegs(8, 1), jpegs(8, 2), jpegs(8, 3), jpegs(3, 4)]  # the third is held back, the fourth fed
+    clean = decode(stage(), batches)
+    s = stage()
+    fail_once(s, "std::bad_alloc", when=lambda n: n > 4)
+    got = decode(s, batches)
+    assert [f for _, f in got] == [[]] * 4 and s.oom_events == 1
+    for (a, _), (b, _) in zip(got, clean):
+        torch.testing.assert_close(a, b)
+
+
+def test_decoded_images_stay_valid_while_held():
+    """Batches are used without a copy: an output DALI gave must not change when DALI runs again."""
+    from pipeline.decode.dali_decode import DecodePipeline
+
+    pipe = DecodePipeline(PRE, 8, torch.device("cpu"), torch.float32, LoaderSettings(threads=2))
+    held = []
+    for seed in range(4):
+        pipe.feed(jpegs(8, seed))
+        images = pipe.output()
+        held.append((images, images.clone()))
+    assert all(torch.equal(images, copy) for images, copy in held)
+    assert not torch.equal(held[0][1], held[1][1])  # (distinct batches)
+    pipe.close()

@@ -117,11 +117,11 @@ def test_kept_components_become_string_columns(tmp_path, decoder):
 def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
     """stderr to a file (as under Slurm): periodic lines with images/s and ETA, no carriage returns, and
     the rank's metrics file refreshed while the job runs; jobs.verify then says the rank is running."""
-    paths = write_shards(small_jpegs(120, seed=71), str(tmp_path / "in"), 30, "slow")
+    paths = write_shards(small_jpegs(48, seed=71), str(tmp_path / "in"), 12, "slow")
     pattern = os.path.join(os.path.dirname(paths[0]), "slow-*.tar")
     out = tmp_path / "out"
     slow = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1",
-            "progress=true", "log_every_s=1"]
+            "progress=true", "log_every_s=0.25"]
     with open(tmp_path / "err.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.score", *slow, f"data.shards={pattern}",
                                  f"output.dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
@@ -138,14 +138,14 @@ def test_progress_in_a_batch_log_and_running_metrics(tmp_path):
             time.sleep(0.2)
         assert proc.wait(timeout=600) == 0
     assert running is not None, "the metrics were not refreshed while the job ran"
-    assert running["total_images"] == 120 and running["progress"] and running["eta_seconds"] is not None
+    assert running["total_images"] == 48 and running["progress"] and running["eta_seconds"] is not None
     assert "1 running, 0 finished, 0 silent of 1" in verify_table and "ETA" in verify_table
     log = (tmp_path / "err.log").read_text()
     lines = [ln for ln in log.splitlines() if "[progress]" in ln]
     assert len(lines) >= 2 and "\r" not in log
     assert all("rate=" in ln and "/s" in ln and "eta=" in ln and "images=" in ln for ln in lines)
     final = json.loads((out / "_metrics" / "rank-00000.json").read_text())
-    assert final["running"] is False and final["images"] == 120
+    assert final["running"] is False and final["images"] == 48
 
 
 def test_no_progress_means_no_lines(shards, tmp_path, capsys):

@@ -3,7 +3,7 @@
 many, with each decoder; a sampler reads the whole process tree's memory (the job and its decoder
 workers) from /proc every `interval_s`: resident set, and its anonymous and file-backed parts (Slurm's
 accounting and a cgroup's limit count both). Flat means: the many-shard run peaks where the few-shard run
-does, and anonymous memory grows by less than `anon_tolerance`.
+does; the report gives each peak and the growth of anonymous memory from few to many shards.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess:
         return DaliDecoder(shards, rules, preprocess, batch_size, device, dtype, loader, oom, stager)
     from pipeline.decode.torch import TorchDecoder
 
-    return TorchDecoder(shards, rules, preprocess, batch_size, device, dtype, loader, oom)
+    return TorchDecoder(shards, rules, preprocess, batch_size, device, dtype, loader)
 
 
 __all__ = ["Preprocess", "SampleRules", "choose_decoder", "make_decoder"]

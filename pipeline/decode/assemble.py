@@ -71,14 +71,13 @@ class Normalizer:
             images[:n].index_copy_(0, positions, target)
         return images
 
-    def place(self, images: torch.Tensor | None, positions: torch.Tensor | None, rows: int,
-              owned: bool = False) -> torch.Tensor:
+    def place(self, images: torch.Tensor | None, positions: torch.Tensor | None, rows: int) -> torch.Tensor:
         """A batch tensor holding images already normalised (NHWC [n, S, S, 3], as DALI gives them) at
-        `positions` (None: rows 0…n-1); the other rows are zeros. A full batch the caller owns, in the
-        model's dtype, is used as it is (no copy)."""
+        `positions` (None: rows 0…n-1); the other rows are zeros. A full batch in the model's dtype is
+        used as it is (no copy)."""
         nchw = None if images is None else images.permute(0, 3, 1, 2)  # channels_last strides, no copy
         n = 0 if nchw is None else nchw.shape[0]
-        if owned and positions is None and n == self.batch_size and nchw.dtype == self.dtype:
+        if positions is None and n == self.batch_size and nchw.dtype == self.dtype:
             return nchw
         batch = torch.empty((self.batch_size, 3, self.size, self.size), dtype=self.dtype, device=self.device,
                             memory_format=torch.channels_last)
@@ -140,10 +139,9 @@ class DecodedAssembler:
     alone becomes it directly; shorter ones (the last reader batch of a window of shards) are stitched
     with the next, so padding is only ever at the end of the run."""
 
-    def __init__(self, normalizer: Normalizer, owned: bool):
+    def __init__(self, normalizer: Normalizer):
         self.normalizer = normalizer
         self.batch_size = normalizer.batch_size
-        self.owned = owned  # do pieces' images stay valid (CUDA), or are they views DALI reuses (CPU)?
         self._pieces: list[tuple[Rows, torch.Tensor | None, list[int] | None]] = []
         self._count = 0
 
@@ -159,8 +157,6 @@ class DecodedAssembler:
             if self._count == self.batch_size:
                 yield self._batch(self._pieces)
                 self._pieces, self._count = [], 0
-        if self._pieces and not self.owned:  # kept past DALI's next run: copy out of its buffer
-            self._pieces = [(r, None if i is None else i.clone(), p) for r, i, p in self._pieces]
 
     def flush(self) -> Iterator[Batch]:
         """The padded tail batch, if any rows are left."""
@@ -173,7 +169,7 @@ class DecodedAssembler:
         if len(pieces) == 1:
             rows, images, positions = pieces[0]
             index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
-            batch = self.normalizer.place(images, index, len(rows), owned=self.owned)
+            batch = self.normalizer.place(images, index, len(rows))
         else:
             rows, kept, where, offset = Rows(), [], [], 0
             for piece_rows, images, positions in pieces:

@@ -54,16 +54,14 @@ class DaliDecoder:
         return iter(self._background)
 
     def stop(self) -> None:
-        self._background.stop()
-        # The decoder and its thread refer to each other; left to the cycle collector, a DALI pipeline
-        # can be destroyed inside a process forked later (a DataLoader worker) and hang there.
+        self._background.stop()  # the producer thread has closed the stage's pipelines when this returns
         if self._stage is not None:
             self._counts = {name: getattr(self._stage, name) for name in self._counts}
         self._stage = None
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
         normalizer = Normalizer(self.batch_size, self.preprocess, self.device, self.dtype)
-        assembler = DecodedAssembler(normalizer, owned=self.device.type == "cuda")
+        assembler = DecodedAssembler(normalizer)
         self._stage = stage = DecodeStage(self.preprocess, self.batch_size, self.device, self.dtype, self.loader,
                                           self.oom)
         in_flight: deque[Checked] = deque()
@@ -92,6 +90,7 @@ class DaliDecoder:
             yield from assembler.flush()
         finally:
             _shut_down_unused(retired, ())
+            stage.close()
 
     def _finish(self, item: Checked) -> tuple[Rows, torch.Tensor | None, list[int] | None]:
         """The item's rows, its decoded images and the rows they belong to (None: all)."""
@@ -102,7 +101,7 @@ class DaliDecoder:
         if failed:
             positions = positions if positions is not None else list(range(len(item.rows)))
             for i in failed:
-                item.rows.mark(positions[i], "decode_error", "corrupt image data (DALI's CPU decoder fails on it)")
+                item.rows.mark(positions[i], "decode_error", "corrupt image data (DALI's CPU decoder and torchvision fail on it)")
             bad = set(failed)
             positions = [p for i, p in enumerate(positions) if i not in bad]
         return item.rows, images, positions
@@ -122,7 +121,8 @@ class DaliDecoder:
 
     @property
     def reference_decodes(self) -> int:
-        """Images the main decoder failed on and DALI's CPU decoder decoded (on a GPU: used in their place)."""
+        """Images the main decoder failed on and the reference decoded (DALI's CPU decoder, else torchvision),
+        used in their place."""
         return self._count("reference_decodes")
 
 

@@ -6,7 +6,7 @@ A batch that fails is never a reason to rebuild the pipeline (DALI runs on after
 not is rebuilt): after an out-of-memory error, memory is released and the same images are decoded again
 in smaller decode batches, and never written as bad images; after any other error, the images DALI names
 are judged by a CPU decode pipeline built once and kept, the reference: an image is `decode_error` only
-when it fails there alone.
+when it fails there alone and torchvision (the torch back-end's decoder) cannot decode it either.
 """
 
 from __future__ import annotations
@@ -65,6 +65,13 @@ class DecodeStage:
         self._results: dict[int, object] = {}  # outputs taken out of DALI early: a tensor or the error
         self._next_token = 0
 
+    def close(self) -> None:
+        self._queued.clear()
+        self._results.clear()
+        self._pipe.close()
+        if self._reference is not None:
+            self._reference.close()
+
     def start(self, encoded) -> int:
         token, self._next_token = self._next_token, self._next_token + 1
         if len(encoded) <= self.policy.next_size():  # else `finish` decodes it in smaller batches
@@ -82,8 +89,8 @@ class DecodeStage:
             self.policy.on_batch_done()
             return result, []
         error = None
+        self._drain()  # DALI's queue must be empty before any image runs again (a later batch may be in it)
         if result is not None:  # DALI failed on the whole batch
-            self._drain()  # DALI's queue must be empty before any image runs again
             if dev.is_out_of_memory(result):
                 self._on_oom(len(encoded), result)
             else:
@@ -110,11 +117,7 @@ class DecodeStage:
     def _drain(self) -> None:
         """Take every batch still running out of DALI; their outputs wait for their `finish`."""
         while self._queued:
-            self._results[self._queued.popleft()] = self._own(self._output())
-
-    def _own(self, output):
-        """An output that stays valid after DALI runs again (on the CPU, outputs are views of its buffers)."""
-        return output.clone() if isinstance(output, torch.Tensor) and self.device.type == "cpu" else output
+            self._results[self._queued.popleft()] = self._output()
 
     def _output(self):
         try:
@@ -183,7 +186,7 @@ class DecodeStage:
             self._pipe.feed(items)
         except DECODE_ERRORS as e:
             return e
-        return self._own(self._output())
+        return self._output()
 
     def _judge(self, items: list) -> list[torch.Tensor | None]:
         """Decode `items` on the reference pipeline: per item its image, or None when it fails alone there."""
@@ -285,8 +288,8 @@ class DecodePipeline:
         self._pipe.schedule_run()
 
     def output(self) -> torch.Tensor:
-        """The next batch's images [n, S, S, 3]. On the CPU a view of DALI's buffer, valid until the next
-        `output`: copy what is kept. On CUDA a tensor of its own."""
+        """The next batch's images [n, S, S, 3], a tensor of its own: on the CPU, a view of memory DALI's
+        dynamic executor does not reuse while it is referenced (tests/test_decode_failures.py checks it)."""
         (out,) = self._pipe.outputs()
         return to_torch(out.as_tensor(), self.device)
 
@@ -303,8 +306,14 @@ class DecodePipeline:
             log.info("DALI's pipeline does not run after an error: building it again")
             self._build()
 
+    def close(self) -> None:
+        """Free the pipeline's buffers and threads now (a DALI pipeline sits in reference cycles)."""
+        if self._pipe is not None:
+            self._pipe._shutdown()  # what DALI's own __del__ and its exit handler call
+            self._pipe = None
+
     def _build(self) -> None:
-        self._pipe = None  # the old pipeline's buffers go before the new one allocates
+        self.close()  # the old pipeline's buffers go before the new one allocates
         self._pipe = _build_decode_pipeline(self.preprocess, self.batch_size, self.device, self.dtype, self.loader)
         for _ in range(self._pipe.prefetch_queue_depth):
             self._pipe.feed_input("encoded", _tiny_batch())
@@ -346,7 +355,7 @@ def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device,
                        host_memory_padding=d.host_memory_padding) if gpu else {}
 
     @pipeline_def(batch_size=batch_size, num_threads=max(1, loader.threads),
-                  device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=2)
+                  device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=2, exec_dynamic=True)
     def decode():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_options)
@@ -364,8 +373,8 @@ def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device,
 
 
 def to_torch(tensor, device: torch.device) -> torch.Tensor:
-    """A DALI dense tensor as a torch tensor on `device`, without a host round-trip on CUDA. On the CPU
-    it is a view of DALI's buffer, valid until the pipeline runs again: copy it before that."""
+    """A DALI dense tensor as a torch tensor on `device`, without a host round-trip on CUDA; on the CPU a
+    view of DALI's buffer, which stays valid while the view is referenced (the dynamic executor)."""
     if device.type == "cuda":
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 

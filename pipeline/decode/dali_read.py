@@ -213,10 +213,10 @@ def _read(shards: list[Shard], progress: _Progress, rules: SampleRules, batch_si
             if not rows:
                 continue
             if len(ok) == len(rows) == len(outputs[0]):
-                yield Checked(rows, outputs[0], None)  # every sample decodes: hand DALI its own batch
+                yield Checked(rows, outputs[0], None, source=reader)  # every sample decodes: DALI's own batch
             else:
-                first = n - len(rows)  # rows skipped at the start of this batch
-                yield Checked(rows, [images.array(j) for j in ok] or None, [j - first for j in ok])
+                skipped = n - len(rows)  # rows skipped at the start of this batch
+                yield Checked(rows, [images.array(j) for j in ok] or None, [j - skipped for j in ok], source=reader)
     finally:
         if reader is not None:
             retired.append(reader)  # its outputs may still be in the decode stage's hands
@@ -256,7 +256,9 @@ def _build_reader(shards: list[Shard], groups: list[list[str]], batch_size: int,
 
     ext = [";".join(group) for group in groups if group]
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=None, prefetch_queue_depth=2)
+    # exec_dynamic: an output stays valid while referenced (a batch's encoded images until it is decoded).
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=None, prefetch_queue_depth=2,
+                  exec_dynamic=True)
     def reader():
         outputs = fn.readers.webdataset(
             paths=[s.path for s in shards], index_paths=[s.index_path for s in shards], ext=ext,

@@ -43,7 +43,7 @@ class TorchDecoder:
     reference_decodes = 0
 
     def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, oom=None):
+                 device: torch.device, dtype: torch.dtype, loader):
         self.dataset = ShardSamples(shards, rules, preprocess)
         self.normalizer = Normalizer(batch_size, preprocess, device, dtype)
         self.workers = min(loader.threads, len(shards))
