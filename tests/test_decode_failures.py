@@ -253,12 +253,16 @@ def test_truncated_jpegs_are_decided_before_any_decoder(tmp_path):
         assert metrics["dali_fallback_batches"] == 0
 
 
-def test_an_image_only_torchvision_decodes_is_scored_with_its_decode():
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.float32], ids=["cpu-uint8", "cuda-normalised"])
+def test_an_image_only_torchvision_decodes_is_scored_with_its_decode(out_dtype, monkeypatch):
     """DALI fails an image and its CPU reference fails it alone too (injected at both pipelines' outputs):
     torchvision, the torch back-end's decoder, has the last word; it decodes it, so the row is scored
-    with torchvision's pixels, as decoder=torch would score it."""
+    with torchvision's pixels, as decoder=torch would score it. In both output forms: uint8 crops (the
+    CPU's) and normalised in DALI (CUDA's, here on the CPU)."""
+    from pipeline.decode import dali_decode
     from pipeline.decode.torch import decode_and_crop
 
+    monkeypatch.setattr(dali_decode, "output_dtype", lambda device, dtype: out_dtype)
     batch = jpegs(4, 5)
     s = stage(batch_size=4)
     fail_once(s, DALI_FRAME.format("Failed to decode sample #2 : "))
@@ -274,9 +278,12 @@ def test_an_image_only_torchvision_decodes_is_scored_with_its_decode():
     s._reference_run = reference_run
     (images, failed), = decode(s, [batch])
     assert failed == [] and images.shape[0] == 4 and s.reference_decodes == 1 and refused
-    crop = decode_and_crop(batch[2].tobytes(), PRE).permute(1, 2, 0).float()
-    expected = (crop - torch.tensor(PRE.mean) * 255) / (torch.tensor(PRE.std) * 255)
-    torch.testing.assert_close(images[2], expected)
+    crop = decode_and_crop(batch[2].tobytes(), PRE).permute(1, 2, 0)
+    if out_dtype == torch.uint8:
+        assert torch.equal(images[2], crop)
+    else:
+        torch.testing.assert_close(images[2], (crop.float() - torch.tensor(PRE.mean) * 255) / (torch.tensor(PRE.std) * 255))
+        assert images.dtype == torch.float32
 
 
 def test_the_decode_batch_regrows_after_oom_regrow_after_good_batches():
@@ -299,11 +306,28 @@ def test_a_batch_held_back_after_oom_does_not_take_the_next_batchs_images():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_normalising_in_dali_matches_normalising_uint8_crops(dtype):
+    """CUDA's form (DALI normalises into the model's dtype) and the CPU's (uint8 crops normalised by the
+    Normalizer) give the same model input, both run here on DALI's CPU decoder."""
+    from pipeline.decode.assemble import Normalizer
+    from pipeline.decode.dali_decode import DecodePipeline
+
+    batch = jpegs(8, 7)
+    inputs = []
+    for out_dtype in (torch.uint8, dtype):
+        pipe = DecodePipeline(PRE, 8, torch.device("cpu"), out_dtype, LoaderSettings(threads=2))
+        pipe.feed(batch)
+        inputs.append(Normalizer(8, PRE, torch.device("cpu"), dtype).place(pipe.output(), None, 8).float())
+        pipe.close()
+    torch.testing.assert_close(inputs[1], inputs[0], atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+
+
 def test_decoded_images_stay_valid_while_held():
     """Batches are used without a copy: an output DALI gave must not change when DALI runs again."""
     from pipeline.decode.dali_decode import DecodePipeline
 
-    pipe = DecodePipeline(PRE, 8, torch.device("cpu"), torch.float32, LoaderSettings(threads=2))
+    pipe = DecodePipeline(PRE, 8, torch.device("cpu"), torch.float32, LoaderSettings(threads=2))  # CUDA's form
     held = []
     for seed in range(4):
         pipe.feed(jpegs(8, seed))

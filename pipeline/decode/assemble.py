@@ -72,9 +72,11 @@ class Normalizer:
         return images
 
     def place(self, images: torch.Tensor | None, positions: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """A batch tensor holding images already normalised (NHWC [n, S, S, 3], as DALI gives them) at
-        `positions` (None: rows 0…n-1); the other rows are zeros. A full batch in the model's dtype is
-        used as it is (no copy)."""
+        """A batch tensor holding DALI's images (NHWC [n, S, S, 3]: uint8 crops, normalised here, or already
+        normalised) at `positions` (None: rows 0…n-1); the other rows are zeros. A full batch already in
+        the model's dtype is used as it is (no copy)."""
+        if images is not None and images.dtype == torch.uint8:
+            return self.batch(images.permute(0, 3, 1, 2), positions, rows)
         nchw = None if images is None else images.permute(0, 3, 1, 2)  # channels_last strides, no copy
         n = 0 if nchw is None else nchw.shape[0]
         if positions is None and n == self.batch_size and nchw.dtype == self.dtype:

@@ -44,7 +44,8 @@ class _ReferenceOutOfMemory(Exception):
 
 
 class DecodeStage:
-    """Encoded images → model inputs [n, S, S, 3] (NHWC: channels_last once permuted) on the device.
+    """Encoded images → crops [n, S, S, 3] (NHWC: channels_last once permuted) on the device: normalised
+    in the model's dtype on CUDA, uint8 on the CPU (see `output_dtype`).
 
     `start` feeds a batch and returns at once; `finish` (in the same order) returns its images and the
     indices of those that fail alone. Two batches are in flight when the caller starts the next before
@@ -59,7 +60,8 @@ class DecodeStage:
         self.oom_events = 0
         self.reference_decodes = 0  # images decoded by the reference (DALI's CPU decoder, else torchvision) instead
         self._inject_oom_above = oom.inject_decode_above
-        self._pipe = DecodePipeline(preprocess, batch_size, device, dtype, loader)
+        self.out_dtype = output_dtype(device, dtype)
+        self._pipe = DecodePipeline(preprocess, batch_size, device, self.out_dtype, loader)
         self._reference: DecodePipeline | None = None  # built when a batch first fails, then kept
         self._queued: deque[int] = deque()  # tokens of the batches running in DALI, in order
         self._results: dict[int, object] = {}  # outputs taken out of DALI early: a tensor or the error
@@ -231,16 +233,16 @@ class DecodeStage:
             if dev.is_out_of_memory(e):
                 raise _ReferenceOutOfMemory(e) from None
             return None
-        p = self.preprocess
-        mean = torch.tensor(p.mean).mul_(255)
-        std = torch.tensor(p.std).mul_(255)
-        image = (crop.permute(1, 2, 0)[None].float() - mean) / std
-        return dev.to_device(image.to(_output_dtype(self.dtype)), self.device)
+        image = crop.permute(1, 2, 0)[None].contiguous()
+        if self.out_dtype != torch.uint8:
+            p = self.preprocess
+            image = ((image.float() - torch.tensor(p.mean) * 255) / (torch.tensor(p.std) * 255)).to(self.out_dtype)
+        return dev.to_device(image, self.device)
 
     def _reference_run(self, items: list):
         if self._reference is None:
             log.info("building DALI's CPU decode pipeline to judge images the %s decoder failed on", self.device.type)
-            self._reference = DecodePipeline(self.preprocess, self.batch_size, torch.device("cpu"), self.dtype,
+            self._reference = DecodePipeline(self.preprocess, self.batch_size, torch.device("cpu"), self.out_dtype,
                                               self.loader)
         try:
             self._reference.feed(items)
@@ -273,13 +275,13 @@ def _failed_sample(error: BaseException, count: int) -> int | None:
 
 
 class DecodePipeline:
-    """One DALI pipeline: encoded images in; resized, cropped and normalised images out, in the model's dtype
-    (float32 for bf16, which DALI lacks), NHWC. Primed at build with two tiny batches, so that each
-    `feed` runs exactly one batch (DALI's first run would otherwise run as many as its queue is deep)."""
+    """One DALI pipeline: encoded images in; resized and cropped images out, NHWC, as uint8 or normalised in
+    `out_dtype` (float16 or float32). Primed at build with two tiny batches, so that each `feed` runs
+    exactly one batch (DALI's first run would otherwise run as many as its queue is deep)."""
 
-    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader):
+    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, out_dtype: torch.dtype, loader):
         self.preprocess, self.batch_size, self.device, self.dtype, self.loader = (preprocess, batch_size, device,
-                                                                                  dtype, loader)
+                                                                                  out_dtype, loader)
         self._pipe = None
         self._build()
 
@@ -295,7 +297,7 @@ class DecodePipeline:
 
     def empty(self) -> torch.Tensor:
         size = self.preprocess.crop_size
-        return torch.empty((0, size, size, 3), dtype=_output_dtype(self.dtype), device=self.device)
+        return torch.empty((0, size, size, 3), dtype=self.dtype, device=self.device)
 
     def ensure_usable(self) -> None:
         """After an error: run a tiny batch; a pipeline that cannot (older DALI) is built again."""
@@ -338,11 +340,17 @@ def _tiny_batch() -> list[np.ndarray]:
     return list(_TINY)
 
 
-def _output_dtype(dtype: torch.dtype) -> torch.dtype:
+def output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """What DALI gives the model stage. On CUDA the input normalised in the model's dtype (float32 for
+    bf16, which DALI lacks): one pass over the batch, no float32 copy of it. On the CPU uint8 crops,
+    normalised by one multiply-add straight into the batch tensor: on two cores DALI's per-sample
+    normalisation and its 4× larger output cost 20 % of the rows/s (docs/BENCHMARKS.md)."""
+    if device.type != "cuda":
+        return torch.uint8
     return torch.float16 if dtype == torch.float16 else torch.float32
 
 
-def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader):
+def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device, out_dtype: torch.dtype, loader):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
@@ -361,10 +369,12 @@ def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device,
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_options)
         crops = fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),
                                       antialias=True, interp_type=getattr(types, INTERP[p.interpolation]))
+        if out_dtype == torch.uint8:
+            return crops
         # (x - mean) / std, in the model's dtype and the channels_last layout, on the device: no float32
         # copy of the batch in between (B=1024 at 448 px: 2.5 GB).
         return fn.crop_mirror_normalize(crops, mean=[m * 255 for m in p.mean], std=[s * 255 for s in p.std],
-                                        dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
+                                        dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
                                         output_layout="HWC")
 
     pipe = decode()
