@@ -39,8 +39,10 @@ from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
 
-TRIM_EVERY_S = 5.0  # seconds between giving freed heap memory back to the system (one trim: ~60 ms of a
-# 1 GB heap here, so every 16 batches cost 3 % of the rows/s)
+# Batches between giving freed heap memory back to the system. One trim of a 1 GB heap takes ~60 ms here
+# (3 % of the 24 px benchmark's rows/s), but every 5 s instead let a million-row rank's anonymous memory
+# grow by 14 % (dali) and 27 % (torch) instead of under 10 % (docs/BENCHMARKS.md).
+TRIM_EVERY = 16
 
 
 class StopSignals:
@@ -224,7 +226,6 @@ class Runner:
         self._decoder = decoder
         items = iter(decoder)
         pending = None  # (rows, host copy of their outputs) of the batch before the one on the device
-        next_trim = time.monotonic() + TRIM_EVERY_S
         try:
             while not signals.received:
                 with meter.timing("input"):
@@ -244,9 +245,8 @@ class Runner:
                 meter.batch_done(item.n_valid, errors=item.n_valid - item.rows.status.count(OK),
                                  oom_events=self.scorer.policy.events + getattr(decoder, "oom_events", 0),
                                  micro=self.scorer.micro_batch)
-                if time.monotonic() >= next_trim:  # keeps a night's heap from creeping up
+                if meter.batches % TRIM_EVERY == 0:  # keeps a night's heap from creeping up
                     dev.trim_host_memory()
-                    next_trim = time.monotonic() + TRIM_EVERY_S
         finally:
             decoder.stop()
             if stager is not None:

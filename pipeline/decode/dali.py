@@ -101,7 +101,8 @@ class DaliDecoder:
         if failed:
             positions = positions if positions is not None else list(range(len(item.rows)))
             for i in failed:
-                item.rows.mark(positions[i], "decode_error", "corrupt image data (DALI's CPU decoder and torchvision fail on it)")
+                item.rows.mark(positions[i], "decode_error",
+                               "corrupt image data (DALI's CPU decoder and torchvision fail on it)")
             bad = set(failed)
             positions = [p for i, p in enumerate(positions) if i not in bad]
         return item.rows, images, positions
