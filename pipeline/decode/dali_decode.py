@@ -343,8 +343,8 @@ def _tiny_batch() -> list[np.ndarray]:
 def output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """What DALI gives the model stage. On CUDA the input normalised in the model's dtype (float32 for
     bf16, which DALI lacks): one pass over the batch, no float32 copy of it. On the CPU uint8 crops,
-    normalised by one multiply-add straight into the batch tensor: on two cores DALI's per-sample
-    normalisation and its 4× larger output cost 20 % of the rows/s (docs/BENCHMARKS.md)."""
+    normalised by one multiply-add straight into the batch tensor, as before DALI could normalise: a 4×
+    smaller output to hold, and no per-row gain from the other form could be shown (docs/BENCHMARKS.md)."""
     if device.type != "cuda":
         return torch.uint8
     return torch.float16 if dtype == torch.float16 else torch.float32
