@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from pipeline import device as dev
-from pipeline.decode.assemble import Preprocess
+from pipeline.decode.assemble import Normalizer, Preprocess
+from pipeline.decode.dali_read import shut_down
 from pipeline.decode.samples import one_line
 from pipeline.errors import OutOfMemoryAtOneRow
 from pipeline.scorer import MicroBatchPolicy
@@ -233,10 +234,11 @@ class DecodeStage:
             if dev.is_out_of_memory(e):
                 raise _ReferenceOutOfMemory(e) from None
             return None
-        image = crop.permute(1, 2, 0)[None].contiguous()
-        if self.out_dtype != torch.uint8:
-            p = self.preprocess
-            image = ((image.float() - torch.tensor(p.mean) * 255) / (torch.tensor(p.std) * 255)).to(self.out_dtype)
+        if self.out_dtype == torch.uint8:
+            image = crop.permute(1, 2, 0)[None].contiguous()
+        else:  # normalised as DALI would have: one row through the Normalizer (channels_last, so NHWC)
+            image = Normalizer(1, self.preprocess, torch.device("cpu"), self.out_dtype).batch(crop[None])
+            image = image.permute(0, 2, 3, 1)
         return dev.to_device(image, self.device)
 
     def _reference_run(self, items: list):
@@ -310,9 +312,8 @@ class DecodePipeline:
 
     def close(self) -> None:
         """Free the pipeline's buffers and threads now (a DALI pipeline sits in reference cycles)."""
-        if self._pipe is not None:
-            self._pipe._shutdown()  # what DALI's own __del__ and its exit handler call
-            self._pipe = None
+        shut_down(self._pipe)
+        self._pipe = None
 
     def _build(self) -> None:
         self.close()  # the old pipeline's buffers go before the new one allocates
