@@ -34,7 +34,7 @@ from pipeline.outputs import OutputOptions, check_names, compute_all, make_outpu
 from pipeline.scorer import Scorer
 from pipeline.settings import ScoreSettings
 from pipeline.stage import Stager, can_stage, check_stage_dir
-from pipeline.shards import BackgroundIndexing, Shard, assign_to_rank, expand_shards, open_shard, shard_name
+from pipeline.shards import BackgroundOpening, Shard, assign_to_rank, expand_shards, open_shard, shard_name
 from pipeline.writer import META_KEY, ShardWriter, run_identity
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,14 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
     if d.stage_dir:
         check_stage_dir(d.stage_dir)
-    indexing = BackgroundIndexing(mine, d.index_cache_dir, settings.loader.threads)
+    opening = BackgroundOpening(mine, d.index_cache_dir, settings.loader.threads)
     try:
         loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
         if settings.decoder != "torch":
             dali_available()  # its import, meanwhile
     finally:
-        indexing.wait()
-    shards = [open_shard(p, d.index_cache_dir) for p in mine]
+        opened = opening.wait()
+    shards = [opened.get(p) or open_shard(p, d.index_cache_dir) for p in mine]
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
              dev.describe(device), precision)
     preprocess = loaded.preprocess

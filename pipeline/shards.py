@@ -138,42 +138,41 @@ def index_path_for(path: str, cache_dir: str | None, version: str = "") -> str:
     return os.path.join(cache_dir, f"{shard_name(path)}-{digest}.idx")
 
 
-class BackgroundIndexing:
-    """Local shards without a fresh index, indexed by forked processes while this one loads the model
-    (listing a tar holds Python's GIL, so threads would not run side by side). `wait()` before
-    `open_shard`; a shard that fails there is indexed again, and reported, by `open_shard`."""
+class BackgroundOpening:
+    """Local shards opened (indexed where needed, counted, checked) by forked processes while this one
+    loads the model: listing a tar holds Python's GIL, so threads would not run side by side, and the
+    children hand back the opened Shards so that nothing is read twice. `wait()` → {path: Shard}; a path
+    missing there (too few shards to fork for, a broken pool) is opened by `open_shard`."""
 
-    MIN_SHARDS = 16  # fewer are indexed in this process, when opened
+    MIN_SHARDS = 16  # fewer are opened in this process
     CHUNK = 8  # shards per task
 
     def __init__(self, paths: list[str], cache_dir: str | None, workers: int):
         self._pool, self._tasks = None, []
-        todo = [p for p in paths if not is_remote(p) and _needs_index(p, cache_dir)]
+        local = [p for p in paths if not is_remote(p)]
         # fork is safe only with no other thread running; the children only list tars and write files
-        if workers < 2 or len(todo) < self.MIN_SHARDS or threading.active_count() > 1:
+        if workers < 2 or len(local) < self.MIN_SHARDS or threading.active_count() > 1:
             return
         # The children never collect garbage: a cycle holding a DALI pipeline copied from an earlier run in
         # this process must not be destroyed there.
-        self._pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("fork"),
+        self._pool = ProcessPoolExecutor(min(workers, len(local)), mp_context=multiprocessing.get_context("fork"),
                                          initializer=gc.disable)
-        log.info("indexing %d shard(s) in %d processes", len(todo), min(workers, len(todo)))
-        for start in range(0, len(todo), self.CHUNK):
-            self._tasks.append(self._pool.submit(_index_all, todo[start : start + self.CHUNK], cache_dir))
+        log.info("opening %d shard(s) in %d processes", len(local), min(workers, len(local)))
+        for start in range(0, len(local), self.CHUNK):
+            self._tasks.append(self._pool.submit(_open_all, local[start : start + self.CHUNK], cache_dir))
 
-    def wait(self) -> None:
+    def wait(self) -> dict[str, Shard]:
+        opened: dict[str, Shard] = {}
         if self._pool is None:
-            return
+            return opened
         for task in self._tasks:
             try:
-                task.result()
-            except Exception as e:  # noqa: BLE001 (a broken pool: open_shard indexes what is left)
-                log.debug("background indexing: %s", e)
+                opened.update(task.result())
+            except Exception as e:  # noqa: BLE001 (a broken pool: open_shard opens what is left)
+                log.debug("background opening: %s", e)
         self._pool.shutdown()
         self._pool = None
-
-
-def _needs_index(path: str, cache_dir: str | None) -> bool:
-    return os.path.isfile(path) and not _index_fresh(path, index_path_for(path, cache_dir))
+        return opened
 
 
 def _index_fresh(path: str, idx: str) -> bool:
@@ -184,12 +183,8 @@ def _index_fresh(path: str, idx: str) -> bool:
         return False
 
 
-def _index_all(paths: list[str], cache_dir: str | None) -> None:
-    for path in paths:
-        try:
-            create_index(path, index_path_for(path, cache_dir))
-        except Exception:  # noqa: BLE001 (open_shard tries again and reports why)
-            pass
+def _open_all(paths: list[str], cache_dir: str | None) -> dict[str, Shard]:
+    return {path: open_shard(path, cache_dir) for path in paths}
 
 
 def open_shard(path: str, cache_dir: str | None = None) -> Shard:

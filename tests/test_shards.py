@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -102,9 +103,9 @@ def test_ranks_split_shards_disjointly_and_completely():
 
 
 
-def test_many_unindexed_shards_are_indexed_side_by_side(tmp_path):
-    """A first run over many shards lists them in forked processes while the model loads; the indexes
-    are the ones indexing each shard alone gives."""
+def test_many_unindexed_shards_are_opened_side_by_side(tmp_path):
+    """A first run over many shards indexes and opens them in forked processes while the model loads; the
+    indexes and Shards are the ones opening each shard alone gives, a damaged shard's error included."""
     from conftest import ROOT, small_jpegs
     from pipeline.pack import write_shards
 
@@ -112,12 +113,19 @@ def test_many_unindexed_shards_are_indexed_side_by_side(tmp_path):
     expected = {p: open(p[:-4] + ".idx").read() for p in paths}
     for p in paths:
         os.remove(p[:-4] + ".idx")
+    with open(paths[3], "r+b") as f:  # cut inside its last member: that shard fails, the others open
+        f.truncate(os.path.getsize(paths[3]) - 1500)
     # In a fresh process, as a job's: one thread running, so it may fork (20 shards ≥ MIN_SHARDS).
-    script = ("import sys; from pipeline.shards import BackgroundIndexing; "
-              "i = BackgroundIndexing(sys.argv[1:], None, workers=2); assert i._pool is not None; i.wait()")
-    subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, check=True)
-    assert {p: open(p[:-4] + ".idx").read() for p in paths} == expected
-    assert [open_shard(p).count for p in paths] == [2] * 20
+    script = ("import pickle, sys; from pipeline.shards import BackgroundOpening; "
+              "o = BackgroundOpening(sys.argv[1:], None, workers=2); assert o._pool is not None; "
+              "sys.stdout.buffer.write(pickle.dumps(o.wait()))")
+    run = subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, check=True, capture_output=True)
+    opened = pickle.loads(run.stdout)
+    assert list(opened) == paths
+    assert {p: open(p[:-4] + ".idx").read() for p in paths if p != paths[3]} == {
+        p: v for p, v in expected.items() if p != paths[3]}
+    assert opened == {p: open_shard(p) for p in paths}
+    assert opened[paths[3]].error and [s.count for s in opened.values() if s.error is None] == [2] * 19
 
 
 def _tar(members, fmt) -> bytes:
