@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,17 @@ def png_bytes(array: np.ndarray, **kw) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array, **kw).save(out, format="PNG")
     return out.getvalue()
+
+
+def run_cli_cases(module: str, cases: list[list[str]], timeout: int = 600, env: dict | None = None) -> list[dict]:
+    """`python -m <module> args…` for each argument list, one after another in one process (tests/cli_cases.py):
+    [{"code": exit code, "stderr": …}, …]. For the many cases that differ only in their arguments."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_cases.py"), module, json.dumps(cases)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True,
+                         env={**os.environ, **(env or {})})
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"code"')]
+    assert len(results) == len(cases), run.stdout + run.stderr
+    return results
 
 
 def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, run_cli_cases
 
 BAD = {
     "unknown model": (["model.name=resnet_does_not_exist"], "unknown model"),
@@ -26,17 +26,32 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_runs(shards, tmp_path_factory):
+    """Every case of BAD through the real entry (`python -m jobs.score`), all in one process: (exit code,
+    stderr, output folder) by case. The exit codes of the process itself are checked below."""
+    root = tmp_path_factory.mktemp("bad-arguments")
+    cases = sorted(BAD)
+    args = [[*TINY, f"data.shards={shards[0]}", f"output.dir={root / str(i)}", *BAD[case][0]]
+            for i, case in enumerate(cases)]
+    results = run_cli_cases("jobs.score", args)
+    return {case: (r["code"], r["stderr"], root / str(i)) for i, (case, r) in enumerate(zip(cases, results))}
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_argument_is_one_clear_line(shards, tmp_path, case):
-    overrides, expected = BAD[case]
-    args = [*TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path / 'out'}", *overrides]
-    r = run_cli("jobs.score", *args)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "][" not in ln]  # log lines aside
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error:") and expected in lines[0]
-    assert "Traceback" not in r.stderr
-    assert not list((tmp_path / "out").glob("*.parquet"))
+def test_bad_argument_is_one_clear_line(bad_runs, case):
+    code, stderr, out = bad_runs[case]
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "][" not in ln]  # log lines aside
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error:") and BAD[case][1] in lines[0]
+    assert "Traceback" not in stderr
+    assert not list(out.glob("*.parquet"))
+
+
+def test_a_bad_argument_exits_the_process_with_2(shards, tmp_path):
+    r = run_cli("jobs.score", *TINY, f"data.shards={shards[0]}", f"output.dir={tmp_path / 'out'}", "batch_size=0")
+    assert r.returncode == 2 and r.stderr.strip() == "error: batch_size must be a positive integer or auto, got 0"
 
 
 def test_missing_output_dir(shards):

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from conftest import TINY, run_cli, small_jpegs, tiny_settings
+from conftest import TINY, run_cli, run_cli_cases, small_jpegs, tiny_settings
 from pipeline.decode import Preprocess
 from pipeline.model import load_model
 from pipeline.pack import write_shards
@@ -300,15 +300,26 @@ def test_a_module_without_preprocessing_is_a_user_error(shard, tmp_path, user_co
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("source, name, weights", [("timm", "resnet18", "a1_in1k"), ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")])
-def test_missing_pretrained_weights_say_what_to_do(shard, tmp_path, source, name, weights):
-    r = run_cli("jobs.score", *TINY, f"model.source={source}", f"model.name={name}", f"model.weights={weights}",
-                f"data.shards={shard}", f"output.dir={tmp_path / 'out'}",
-                "outputs=[embedding]", env={**OFFLINE, "HF_HOME": str(tmp_path / "hf")})
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+PRETRAINED = [("timm", "resnet18", "a1_in1k"), ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")]
+
+
+@pytest.fixture(scope="module")
+def pretrained_runs(shard, tmp_path_factory):
+    """Each case of PRETRAINED through `python -m jobs.score`, both in one process, offline."""
+    root = tmp_path_factory.mktemp("pretrained")
+    args = [[*TINY, f"model.source={source}", f"model.name={name}", f"model.weights={weights}", f"data.shards={shard}",
+             f"output.dir={root / source}", "outputs=[embedding]"] for source, name, weights in PRETRAINED]
+    results = run_cli_cases("jobs.score", args, env={**OFFLINE, "HF_HOME": str(root / "hf")})
+    return {source: (r["code"], r["stderr"], root / source) for (source, _, _), r in zip(PRETRAINED, results)}
+
+
+@pytest.mark.parametrize("source, name, weights", PRETRAINED)
+def test_missing_pretrained_weights_say_what_to_do(pretrained_runs, source, name, weights):
+    code, stderr, out = pretrained_runs[source]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert "pre-download" in lines[0] and "model.checkpoint" in lines[0]
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+    assert not out.exists() or not list(out.glob("*.parquet"))
 
 
 def test_topk_of_an_embedding_model_is_a_user_error(shard, tmp_path):
