@@ -10,11 +10,11 @@ DEMO := demo
 # EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
 EXTRAS ?= cuda13,s3,models,bench,dev
 
-# --no-compile: byte-compiling every file of torch & co. is a minute of the install here; Python compiles
-# (and caches) only the modules a run imports.
+# Byte-compiled at install (a minute here): where PYTHONDONTWRITEBYTECODE=1, as on this machine, Python
+# would otherwise compile torch & co. again in every process.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -336,3 +336,34 @@ def test_decoded_images_stay_valid_while_held():
     assert all(torch.equal(images, copy) for images, copy in held)
     assert not torch.equal(held[0][1], held[1][1])  # (distinct batches)
     pipe.close()
+
+
+def test_stitched_pieces_land_where_their_rows_are():
+    """DecodedAssembler: pieces shorter than a batch (a window's last reader batch), with all their images or
+    some rows failed (positions), are stitched into full batches; each image lands on its own row, the
+    rows without one and the padding are zeros."""
+    from pipeline.batch import Rows
+    from pipeline.decode.assemble import DecodedAssembler, Normalizer
+
+    size, batch_size = 4, 5
+    normalizer = Normalizer(batch_size, Preprocess(4, 4, (0.5,) * 3, (0.25,) * 3, "bilinear"), torch.device("cpu"),
+                            torch.float32)
+    assembler = DecodedAssembler(normalizer)
+    pieces = [(3, None), (4, [0, 2, 3]), (5, None), (2, [1])]  # (rows, positions of rows with an image)
+    expected, batches, value = [], [], 0
+    for n, positions in pieces:
+        rows = Rows([f"k{value + i}" for i in range(n)], ["s"] * n, [None] * n, ["ok"] * n, [None] * n)
+        have = range(n) if positions is None else positions
+        images = torch.stack([torch.full((size, size, 3), value + i, dtype=torch.uint8) for i in have])
+        expected += [float(value + i) if i in have else None for i in range(n)]
+        batches += assembler.add(rows, images, positions)
+        value += n
+    batches += assembler.flush()
+    assert [len(b.rows) for b in batches] == [5, 5, 4]
+    assert [k for b in batches for k in b.rows.keys] == [f"k{i}" for i in range(14)]
+    for row, want in enumerate(expected + [None]):  # the last: padding
+        got = batches[row // batch_size].images[row % batch_size]
+        if want is None:
+            assert torch.equal(got, torch.zeros_like(got))
+        else:
+            assert torch.allclose(got, torch.full_like(got, (want - 127.5) / 63.75)), row

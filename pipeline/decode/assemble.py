@@ -172,6 +172,11 @@ class DecodedAssembler:
             rows, images, positions = pieces[0]
             index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
             batch = self.normalizer.place(images, index, len(rows))
+        elif all(positions is None for _, _, positions in pieces):  # every row has its image, in order
+            rows = Rows()
+            for piece_rows, _, _ in pieces:
+                rows.extend(piece_rows)
+            batch = self.normalizer.place(torch.cat([images for _, images, _ in pieces]), None, len(rows))
         else:
             rows, kept, where, offset = Rows(), [], [], 0
             for piece_rows, images, positions in pieces:
@@ -189,6 +194,8 @@ def _split(rows: Rows, images, positions, k: int):
     """(the first k rows of a piece, the rest), each with its images and positions."""
     if k == len(rows):
         return (rows, images, positions), (Rows(), None, None)
+    if positions is None:  # kept None: a batch stitched from such pieces needs no scatter by positions
+        return (rows.slice(0, k), images[:k], None), (rows.slice(k, len(rows)), images[k:], None)
     where = list(range(len(rows))) if positions is None else positions
     m = bisect.bisect_left(where, k)
     head = (rows.slice(0, k), None if images is None else images[:m], where[:m])
