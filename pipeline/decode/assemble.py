@@ -196,10 +196,9 @@ def _split(rows: Rows, images, positions, k: int):
         return (rows, images, positions), (Rows(), None, None)
     if positions is None:  # kept None: a batch stitched from such pieces needs no scatter by positions
         return (rows.slice(0, k), images[:k], None), (rows.slice(k, len(rows)), images[k:], None)
-    where = list(range(len(rows))) if positions is None else positions
-    m = bisect.bisect_left(where, k)
-    head = (rows.slice(0, k), None if images is None else images[:m], where[:m])
-    tail = (rows.slice(k, len(rows)), None if images is None else images[m:], [p - k for p in where[m:]])
+    m = bisect.bisect_left(positions, k)
+    head = (rows.slice(0, k), None if images is None else images[:m], positions[:m])
+    tail = (rows.slice(k, len(rows)), None if images is None else images[m:], [p - k for p in positions[m:]])
     return head, tail
 
 
