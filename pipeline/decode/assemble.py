@@ -172,11 +172,6 @@ class DecodedAssembler:
             rows, images, positions = pieces[0]
             index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
             batch = self.normalizer.place(images, index, len(rows))
-        elif all(positions is None for _, _, positions in pieces):  # every row has its image, in order
-            rows = Rows()
-            for piece_rows, _, _ in pieces:
-                rows.extend(piece_rows)
-            batch = self.normalizer.place(torch.cat([images for _, images, _ in pieces]), None, len(rows))
         else:
             rows, kept, where, offset = Rows(), [], [], 0
             for piece_rows, images, positions in pieces:
@@ -185,7 +180,8 @@ class DecodedAssembler:
                     kept.append(images)
                     where += [offset + p for p in (positions if positions is not None else range(len(piece_rows)))]
                 offset += len(piece_rows)
-            index = dev.to_device(torch.tensor(where, dtype=torch.long), device)
+            # Every row with its image, in order (no row failed): normalised straight in, no scatter.
+            index = None if len(where) == len(rows) else dev.to_device(torch.tensor(where, dtype=torch.long), device)
             batch = self.normalizer.place(torch.cat(kept) if kept else None, index, len(rows))
         return Batch(batch, rows, dev.record_event(device))
 
