@@ -210,7 +210,8 @@ def test_overhead_mode_measures_rows_per_second_the_cost_per_shard_and_of_storag
 
 def test_memory_mode_reads_the_process_trees_memory(tmp_path, capsys):
     r = bench(tmp_path, capsys, "mode=memory", f"bench.out_dir={tmp_path}", "bench.memory.shard_counts=[1,3]",
-              "bench.memory.rows_per_shard=50", "bench.memory.batch_size=32", "bench.memory.decoders=[torch]")
+              "bench.memory.rows_per_shard=50", "bench.memory.batch_size=32", "bench.memory.decoders=[torch]",
+              "bench.memory.interval_s=0.02")  # often enough to see the short-lived decoder workers
     assert r.returncode == 0
     report = json.loads((tmp_path / "memory.json").read_text())
     few, many = report["runs"]["torch-1"], report["runs"]["torch-3"]
