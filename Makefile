@@ -10,10 +10,32 @@ DEMO := demo
 # EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
 EXTRAS ?= cuda13,s3,models,bench,dev
 
-# Byte-compiled at install (a minute here): where PYTHONDONTWRITEBYTECODE=1, as on this machine, Python
-# would otherwise compile torch & co. again in every process.
+# uv installs what pip would, in a third of the time here (84 s cold against 233 s), byte-compiled:
+# where PYTHONDONTWRITEBYTECODE=1, as on this machine, Python would otherwise compile torch & co. again
+# in every process. uv does not read pip's configuration, so pip's index, find-links and constraint
+# settings are handed to it, and like pip it may take a package from any of those indexes. Where uv
+# cannot be had or fails, pip installs.
+define PIP_CONFIG_AS_UV_ARGS
+import subprocess, sys
+rank = {"global": 0, "user": 1, "site": 2, ":env:": 3}
+flag = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
+        "find-links": "--find-links", "constraint": "--constraint"}
+chosen = {}
+for line in subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                           capture_output=True, text=True).stdout.splitlines():
+    name, _, value = line.partition("=")
+    scope, _, key = name.rpartition(".")
+    if key in flag and rank.get(scope, 0) >= chosen.get(key, (-1, None))[0]:
+        chosen[key] = (rank.get(scope, 0), value.strip("'\"").split())
+print(" ".join(f"{flag[key]} {value}" for key, (_, values) in chosen.items() for value in values))
+endef
+export PIP_CONFIG_AS_UV_ARGS
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	{ $(VENV)/bin/pip install --quiet --disable-pip-version-check uv && \
+	  $(VENV)/bin/uv pip install --python $(PY) --quiet --index-strategy unsafe-best-match --compile-bytecode \
+	    $$($(PY) -c "$$PIP_CONFIG_AS_UV_ARGS") -c constraints.txt -e '.[$(EXTRAS)]'; } || \
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
@@ -31,7 +53,7 @@ demo: install
 # many tests wait on processes of their own (Slurm, signals, S3); the Slurm ones share one worker.
 TEST_WORKERS ?= 2
 test: install chromium
-	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
