@@ -51,12 +51,14 @@ class Cluster:
         overrides = [a for a in args if not a.startswith("-")]
         return self.run("sbatch", *opts, *sbatch_opts, SBATCH, *overrides).stdout.strip().split(";")[0]
 
-    def tasks(self, job: str) -> dict[str, dict[str, str]]:
+    def tasks(self, job: str, patience: float = 20) -> dict[str, dict[str, str]]:
         """Slurm's record of each task of an array job (no accounting needed): {array index: fields}; {} when
-        slurmctld did not answer."""
-        r = self.run("scontrol", "-o", "show", "job", job, check=False)
-        if r.returncode != 0:
-            return {}
+        slurmctld did not answer for `patience` seconds (a busy slurmctld times out a request: CI saw it)."""
+        deadline = time.monotonic() + patience
+        while (r := self.run("scontrol", "-o", "show", "job", job, check=False)).returncode != 0:
+            if time.monotonic() > deadline:
+                return {}
+            time.sleep(0.5)
         records = [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in r.stdout.splitlines()]
         return {r.get("ArrayTaskId", "-"): r for r in records}
 
