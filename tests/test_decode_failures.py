@@ -338,7 +338,11 @@ def test_decoded_images_stay_valid_while_held():
     pipe.close()
 
 
-def test_stitched_pieces_land_where_their_rows_are():
+@pytest.mark.parametrize("pieces, lengths", [
+    ([(3, None), (4, [0, 2, 3]), (5, None), (2, [1])], [5, 5, 4]),  # (rows, positions of rows with an image)
+    ([(3, None), (4, None), (1, None)], [5, 3]),  # every row with its image: stitched without a scatter
+])
+def test_stitched_pieces_land_where_their_rows_are(pieces, lengths):
     """DecodedAssembler: pieces shorter than a batch (a window's last reader batch), with all their images or
     some rows failed (positions), are stitched into full batches; each image lands on its own row, the
     rows without one and the padding are zeros."""
@@ -349,7 +353,6 @@ def test_stitched_pieces_land_where_their_rows_are():
     normalizer = Normalizer(batch_size, Preprocess(4, 4, (0.5,) * 3, (0.25,) * 3, "bilinear"), torch.device("cpu"),
                             torch.float32)
     assembler = DecodedAssembler(normalizer)
-    pieces = [(3, None), (4, [0, 2, 3]), (5, None), (2, [1])]  # (rows, positions of rows with an image)
     expected, batches, value = [], [], 0
     for n, positions in pieces:
         rows = Rows([f"k{value + i}" for i in range(n)], ["s"] * n, [None] * n, ["ok"] * n, [None] * n)
@@ -359,9 +362,9 @@ def test_stitched_pieces_land_where_their_rows_are():
         batches += assembler.add(rows, images, positions)
         value += n
     batches += assembler.flush()
-    assert [len(b.rows) for b in batches] == [5, 5, 4]
-    assert [k for b in batches for k in b.rows.keys] == [f"k{i}" for i in range(14)]
-    for row, want in enumerate(expected + [None]):  # the last: padding
+    assert [len(b.rows) for b in batches] == lengths
+    assert [k for b in batches for k in b.rows.keys] == [f"k{i}" for i in range(value)]
+    for row, want in enumerate(expected + [None] * (-value % batch_size)):  # then the padding
         got = batches[row // batch_size].images[row % batch_size]
         if want is None:
             assert torch.equal(got, torch.zeros_like(got))

@@ -192,7 +192,7 @@ def test_sigterm_stops_cleanly_and_resumes(six_shards, uninterrupted, tmp_path, 
     assert time.time() - sent < 15
     assert "shard(s) remain" in log
     stopped_at = done_shards(out)
-    assert 1 <= stopped_at < 6
+    assert 1 <= stopped_at < 6, f"{stopped_at} of 6 shards written: SIGTERM came after the first and must stop before the last"
     for p in os.listdir(out):
         if p.endswith(".parquet"):
             assert pq.read_metadata(out / p).num_rows == 6  # complete shards only, never half of one

@@ -173,15 +173,17 @@ class DecodedAssembler:
             index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
             batch = self.normalizer.place(images, index, len(rows))
         else:
+            # Pieces without positions have every row's image, in order: normalised straight in, no scatter.
+            scatter = any(positions is not None for _, _, positions in pieces)
             rows, kept, where, offset = Rows(), [], [], 0
             for piece_rows, images, positions in pieces:
                 rows.extend(piece_rows)
                 if images is not None and images.shape[0]:
                     kept.append(images)
-                    where += [offset + p for p in (positions if positions is not None else range(len(piece_rows)))]
+                    if scatter:
+                        where += [offset + p for p in (positions if positions is not None else range(len(piece_rows)))]
                 offset += len(piece_rows)
-            # Every row with its image, in order (no row failed): normalised straight in, no scatter.
-            index = None if len(where) == len(rows) else dev.to_device(torch.tensor(where, dtype=torch.long), device)
+            index = dev.to_device(torch.tensor(where, dtype=torch.long), device) if scatter else None
             batch = self.normalizer.place(torch.cat(kept) if kept else None, index, len(rows))
         return Batch(batch, rows, dev.record_event(device))
 
