@@ -63,6 +63,9 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
         nonlocal started
         started = True
         _release_stderr()
+        from pipeline.writer import arrow_without_pandas  # here: importing it imports torch
+
+        arrow_without_pandas()
         message = None
         try:
             code = task(cfg)

@@ -124,7 +124,8 @@ class OutputLayout:
             self.fs.pipe_file(self._inner(name), data.to_pybytes() if isinstance(data, pa.Buffer) else data)
             return self.path(name)
         path = self.path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.dirname(path) != self.root:  # the root was made on opening: no syscalls per shard for it
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
         try:
             with open(tmp, "wb") as f:

@@ -50,6 +50,13 @@ def pytest_collection_modifyitems(config, items):
         uses_dali = "dali" in item.keywords or (params is not None and "dali" in params.params.values())
         if uses_dali and not has_dali:
             item.add_marker(no_dali)
+    # Longest first (the Slurm tests are one group of ~4 minutes, the benchmark's tests ~1-2 minutes each),
+    # so that the two workers of `make test` are not left with one long test at the end.
+    items.sort(key=lambda item: LONGEST_FIRST.get(item.module.__name__, len(LONGEST_FIRST)))
+
+
+LONGEST_FIRST = {name: i for i, name in enumerate(
+    ("test_slurm", "test_bench", "test_s3", "test_cluster", "test_reliability", "test_scorer"))}
 
 
 def tiny_settings(shards, out, **kw):

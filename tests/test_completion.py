@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 
@@ -83,3 +85,18 @@ def test_resume_redoes_a_shard_written_under_another_identity(shards, tmp_path):
     assert score(settings(pattern, out, rank=0, world=1, topk=3, outputs=("topk", "embedding"))) == 0
     assert all(os.path.getmtime(out / name) > mtime for name, mtime in before.items())
     assert "embedding" in pq.read_schema(out / "part-000000.parquet").names
+
+
+def test_a_job_builds_arrow_tables_without_importing_pandas():
+    """pyarrow would import pandas (~0.5 s a process) for its first array; a job skips that, and a later
+    conversion to pandas still works."""
+    code = (
+        "import sys, pyarrow as pa\n"
+        "from pipeline.writer import arrow_without_pandas\n"
+        "arrow_without_pandas()\n"
+        "table = pa.table({'key': pa.array(['a', 'b'], pa.string())})\n"
+        "assert 'pandas' not in sys.modules, 'pandas imported'\n"
+        "assert table.to_pandas()['key'].tolist() == ['a', 'b']\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
