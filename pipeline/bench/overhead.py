@@ -53,6 +53,7 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
     rows_dir = tiny_shards(os.path.join(root, f"rows-{o.shards}x{o.samples_per_shard}-{o.image_size}px"),
                            o.shards, o.samples_per_shard, o.image_size)
     job = JobRunner(root, model, embedder, o, settings)
+    job.clean()  # what a benchmark that was stopped left
     rows: dict[str, list[dict]] = {v: [] for v in o.variants}
     shard_cost: dict[str, list[dict]] = {}
     layouts = {}
@@ -86,6 +87,7 @@ def run_overhead(settings: ScoreSettings, bench: BenchSettings) -> dict:
         folder = layouts.get(few) or tiny_shards(os.path.join(root, f"shards-{few}x{o.shard_cost_rows // few}"),
                                                  few, o.shard_cost_rows // few, o.image_size)
         report["storage_cost"] = storage_cost(job, folder, o.rounds, o.storage_decoders)
+    job.clean()
     if o.corrupt_cost:
         report["corrupt_cost"] = corrupt_cost(root, settings, o.rounds)
     print(format_overhead_table(report), flush=True)
@@ -213,18 +215,39 @@ class JobRunner:
 
     def whole_process(self, folder: str, decoder: str, name: str, shards: str | None = None, env: dict | None = None,
                       extra: tuple[str, ...] = ()) -> dict:
-        """One run from scratch: index files removed first, a fresh output folder; `shards` (a spec) and
-        `env` for the same shards elsewhere."""
-        for idx in glob.glob(os.path.join(folder, "*.idx")):
-            os.remove(idx)
-        out = os.path.join(self.root, f"out-{name}")
-        shutil.rmtree(out, ignore_errors=True)
+        """One run from scratch, deleting nothing until the benchmark ends (`clean`): the shards hard-linked
+        into a fresh folder (no index files yet), a fresh output folder. On a file system without a journal
+        (this machine's ext4) creating a file steps over every inode deleted in the last minutes, so
+        deleting one run's thousands of files just before the next would be timed as the next run's cost.
+        `shards` (a spec) and `env` for the same shards elsewhere (their index files removed first)."""
+        run = os.path.join(self.root, "runs", name)
+        shutil.rmtree(run, ignore_errors=True)
+        if shards is None:
+            folder = link_shards(folder, os.path.join(run, "shards"))
+        else:
+            for idx in glob.glob(os.path.join(folder, "*.idx")):
+                os.remove(idx)
+        out = os.path.join(run, "out")
         wall, rss = self.run([*self.args(folder, out, decoder, shards=shards), *extra], name, env,
                              self.o.shard_cost_nofile)
         metrics = read_rank_metrics(out)
-        shutil.rmtree(out, ignore_errors=True)
         return {"wall_seconds": round(wall, 3), "job_seconds": metrics.get("job_seconds"), "peak_rss_mb": round(rss),
                 "rows": metrics["images"], "rows_per_sec": metrics["sustained_images_per_sec"]}
+
+    def clean(self) -> None:
+        shutil.rmtree(os.path.join(self.root, "runs"), ignore_errors=True)
+
+
+def link_shards(folder: str, into: str) -> str:
+    """`into` holding hard links to (or, across file systems, copies of) the tars of `folder`."""
+    os.makedirs(into)
+    for tar in glob.glob(os.path.join(folder, "*.tar")):
+        target = os.path.join(into, os.path.basename(tar))
+        try:
+            os.link(tar, target)
+        except OSError:
+            shutil.copy(tar, target)
+    return into
 
 
 def read_rank_metrics(out: str) -> dict:
