@@ -22,7 +22,7 @@ from pipeline import __version__, cluster
 from pipeline import device as dev
 from pipeline.autobatch import choose_batch_size
 from pipeline.batch import OK, ShardFailure
-from pipeline.decode import Preprocess, SampleRules, choose_decoder, make_decoder
+from pipeline.decode import Decoder, Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.decode.dali import dali_available
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
 from pipeline.layout import OutputLayout
@@ -207,7 +207,7 @@ class Runner:
             raise fatal
         return exit_code
 
-    def _stream(self, todo: list[Shard], meter: Meter, signals: StopSignals):
+    def _stream(self, todo: list[Shard], meter: Meter, signals: StopSignals) -> Decoder:
         """Decode → score → write until the input ends or a signal arrives; returns the decoder."""
         p, d = self.p, self.settings.data
         stager = None
@@ -243,7 +243,7 @@ class Runner:
                     self._write(pending, meter)
                 pending = (item.rows, host)
                 meter.batch_done(item.n_valid, errors=item.n_valid - item.rows.status.count(OK),
-                                 oom_events=self.scorer.policy.events + getattr(decoder, "oom_events", 0),
+                                 oom_events=self.scorer.policy.events + decoder.oom_events,
                                  micro=self.scorer.micro_batch)
                 if meter.batches % TRIM_EVERY == 0:  # keeps a night's heap from creeping up
                     dev.trim_host_memory()
@@ -256,7 +256,7 @@ class Runner:
                 self._write(pending, meter)
         return decoder
 
-    def _metrics(self, summary: dict, decoder) -> dict:
+    def _metrics(self, summary: dict, decoder: Decoder | None) -> dict:
         """What `_metrics/rank-NNNNN.json` says, while running and at the end."""
         p, s, writer = self.p, self.scorer, self.writer
         return {
@@ -267,9 +267,9 @@ class Runner:
             "shards_written": len(writer.committed) - self._skipped,
             "shards_failed": dict(sorted(writer.failed.items())), "rows_written": writer.rows_written,
             "status_counts": dict(writer.status_counts),
-            "dali_fallback_batches": getattr(decoder, "fallbacks", 0),
-            "decode_oom_events": getattr(decoder, "oom_events", 0),
-            "dali_reference_decodes": getattr(decoder, "reference_decodes", 0), "auto_batch_table": p.auto_table,
+            "dali_fallback_batches": decoder.fallbacks if decoder else 0,
+            "decode_oom_events": decoder.oom_events if decoder else 0,
+            "dali_reference_decodes": decoder.reference_decodes if decoder else 0, "auto_batch_table": p.auto_table,
             "log_every_s": self.settings.log_every_s, "loader_threads": self.settings.loader.threads,
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "device_name": dev.describe(p.device), "device_id": dev.physical_id(p.device), "staged": self._staged,
@@ -284,7 +284,7 @@ class Runner:
         with meter.timing("write"):
             self.writer.add(rows, host.wait())
 
-    def _report(self, meter: Meter, stopped_by, decoder, fatal) -> int:
+    def _report(self, meter: Meter, stopped_by, decoder: Decoder | None, fatal) -> int:
         """Print the summary, write the metrics and this rank's completion record; returns the exit code."""
         writer, p = self.writer, self.p
         writer.sync()  # every file handed to the writer thread is on disk (or its shard failed) from here

@@ -159,3 +159,30 @@ def test_progress_lines_in_process(shards, tmp_path, capsys):
     assert score(tiny_settings(shards[0], tmp_path, progress=True, log_every_s=0.01, batch_size=2)) == 0
     err = capsys.readouterr().err
     assert "[progress]" in err and "\r" not in err
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_each_back_end_keeps_the_decoder_contract(shards, decoder):
+    """Both back-ends are `Decoder`s: fixed-size batches holding every row once, in shard order, then the
+    counters the metrics read, still readable after `stop`."""
+    import torch
+
+    from pipeline.decode import Decoder, Preprocess, SampleRules, make_decoder
+    from pipeline.settings import LoaderSettings, OomSettings
+    from pipeline.shard_index import read_index
+    from pipeline.shards import open_shard
+
+    opened = [open_shard(p) for p in shards]
+    rules = SampleRules(("jpg",), "cls", 10**8)
+    preprocess = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    d = make_decoder(decoder, opened, rules, preprocess, 8, torch.device("cpu"), torch.float32,
+                     LoaderSettings(threads=1), OomSettings())
+    assert isinstance(d, Decoder)
+    try:
+        batches = list(d)
+    finally:
+        d.stop()
+    assert all(b.images.shape == (8, 3, 32, 32) for b in batches)
+    keys = [(shard, key) for b in batches for shard, key in zip(b.rows.shards, b.rows.keys)]
+    assert keys == [(s.name, k) for s in opened for k in read_index(s.index_path).keys]
+    assert (d.fallbacks, d.oom_events, d.reference_decodes) == (0, 0, 0)

@@ -4,15 +4,41 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from pipeline.batch import Batch, ShardFailure
 from pipeline.decode.assemble import Preprocess
 from pipeline.decode.samples import SampleRules
 from pipeline.errors import UserError
 from pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """What the runner asks of a back-end (`make_decoder` gives one): fixed-size Batches, in shard order,
+    and a ShardFailure for each shard it could not read to its end; `stop` ends its threads and workers
+    (iterating after it is not allowed); and what decoding cost, for the metrics."""
+
+    def __iter__(self) -> Iterator[Batch | ShardFailure]: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def fallbacks(self) -> int:
+        """Decode batches that failed on something other than memory, their images then judged one by one."""
+
+    @property
+    def oom_events(self) -> int:
+        """Out-of-memory errors while decoding, each retried with memory released."""
+
+    @property
+    def reference_decodes(self) -> int:
+        """Images the main decoder failed on that a reference decoder decoded, used in their place."""
 
 
 def dali_reads(shard: Shard, staged: bool = False) -> bool:
@@ -61,7 +87,7 @@ def choose_decoder(name: str, shards: list[Shard], staged: bool = False) -> str:
 
 
 def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, oom, stager=None):
+                 device: torch.device, dtype: torch.dtype, loader, oom, stager=None) -> Decoder:
     """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options),
     `oom` OomSettings (regrowth of the decode batch, injected errors), `stager` a pipeline.stage.Stager
     for remote shards (DALI only: the torch decoder streams them)."""
@@ -74,4 +100,4 @@ def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess:
     return TorchDecoder(shards, rules, preprocess, batch_size, device, dtype, loader)
 
 
-__all__ = ["Preprocess", "SampleRules", "choose_decoder", "make_decoder"]
+__all__ = ["Decoder", "Preprocess", "SampleRules", "choose_decoder", "make_decoder"]
