@@ -107,3 +107,27 @@ def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None
     """Run `python -m <module> args…` from the repo root, the way a user does."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+
+UNGROUPED = pytest.StashKey[str]()
+
+
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup` a test marked `xdist_group(name)` must carry `@name` in its id: that is how
+    xdist keeps the group on one worker (two Slurm clusters would collide on munged's socket). pytest 9.2
+    silently broke it (pytest-dev/pytest-xdist#1386): such a test fails, saying so, rather than run apart."""
+    if not getattr(session.config.option, "loadgroup", False):  # what xdist's workers are told of --dist loadgroup
+        return
+    for item in session.items:
+        mark = item.get_closest_marker("xdist_group")
+        name = mark and mark.kwargs.get("name", mark.args[0] if mark.args else "default")
+        if name and not item.nodeid.endswith(f"@{name}"):
+            item.stash[UNGROUPED] = name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if UNGROUPED in item.stash:
+        pytest.fail(f"--dist loadgroup did not keep the group {item.stash[UNGROUPED]!r} on one worker "
+                    "(pytest >= 9.2: pytest-dev/pytest-xdist#1386)", pytrace=False)
