@@ -109,7 +109,6 @@ def run_cli(module: str, *args: str, timeout: int = 600, env: dict | None = None
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-
 UNGROUPED = pytest.StashKey[str]()
 
 
