@@ -220,8 +220,7 @@ class JobRunner:
         (this machine's ext4) creating a file steps over every inode deleted in the last minutes, so
         deleting one run's thousands of files just before the next would be timed as the next run's cost.
         `shards` (a spec) and `env` for the same shards elsewhere (their index files removed first)."""
-        run = os.path.join(self.root, "runs", name)
-        shutil.rmtree(run, ignore_errors=True)
+        run = os.path.join(self.root, "runs", name)  # new: `clean` emptied runs/ before the first
         if shards is None:
             folder = link_shards(folder, os.path.join(run, "shards"))
         else:
