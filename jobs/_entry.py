@@ -144,6 +144,13 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def task_overrides() -> list[str]:
+    """The command line's overrides of this run (empty when the config was composed without Hydra's app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -62,15 +62,21 @@ class Rows:
 
 @dataclass
 class Batch:
-    """Exactly `batch_size` images; the first `n_valid` are real rows, the rest padding.
+    """Exactly `batch_size` images, one view of them per preprocessing of the run (its "branches"); the
+    first `n_valid` rows are real, the rest padding.
 
     Rows whose status is not ok carry a placeholder image; their model outputs are never written.
-    `ready` (CUDA only) is recorded on the producer's stream once `images` is written.
+    `ready` (CUDA only) is recorded on the producer's stream once every view is written.
     """
 
-    images: torch.Tensor  # [B, 3, H, W] on the scoring device, model dtype, channels_last
+    views: tuple[torch.Tensor, ...]  # each [B, 3, H, W] on the scoring device, model dtype, channels_last
     rows: Rows
     ready: object | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The first (in a one-model run, the only) view."""
+        return self.views[0]
 
     @property
     def n_valid(self) -> int:

@@ -28,21 +28,27 @@ class LoadedModel:
     module: nn.Module  # images → {"output": …, "embedding": …}
     categories: list[str] | None  # class names, when the weights carry them
     source: str  # what was loaded, for logs and Parquet metadata
-    preprocess: Preprocess
+    preprocess: Preprocess | None  # None for a head: it reads another model's output, not images
     classifier: bool = True  # is "output" class scores?
 
 
 def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype, seed: int,
-               want_embedding: bool = False, build: Builder | None = None) -> LoadedModel:
+               want_embedding: bool = False, build: Builder | None = None, in_features: int | None = None) -> LoadedModel:
+    """`in_features`: for a head, the width of the output it reads."""
     torch.manual_seed(seed)
     classifier = True
-    if settings.path:
+    if settings.is_head:
+        from pipeline.sources.head import load_head
+
+        loaded = load_head(settings, in_features, build)
+        network, own, categories, source = loaded.network, None, None, loaded.weights
+    elif settings.path:
         network, own, categories, source = SameOutput(_load_file(settings.path)), {}, None, settings.path
     else:
         loaded = source_module(settings.source).load(settings, want_embedding, build)
         network, own, categories, source = loaded.network, loaded.preprocess, loaded.categories, loaded.weights
         classifier = loaded.classifier
-    preprocess = resolve_preprocess(settings, own)
+    preprocess = None if settings.is_head else resolve_preprocess(settings, own)
     try:
         network = network.eval()
     except NotImplementedError:  # a torch.export program refuses eval(): it keeps the mode it was exported in

@@ -143,6 +143,30 @@ def flat_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.Array.from_buffers(type_, values.size, [None, pa.py_buffer(values)])
 
 
+class Prefixed:
+    """A kind whose columns carry its model's name (`clip_embedding`, `aesthetic_score`), for runs of
+    several models; the kind itself computes under its own names."""
+
+    def __init__(self, kind, model: str):
+        self.kind, self.model, self.prefix = kind, model, f"{model}_"
+        self._fields = [f.with_name(self.prefix + f.name) for f in kind.fields()]
+
+    @property
+    def identity(self) -> str:
+        return self.kind.identity
+
+    def fields(self) -> list[pa.Field]:
+        return self._fields
+
+    def compute(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.prefix + name: value for name, value in self.kind.compute(outputs).items()}
+
+    def arrays(self, values: dict[str, np.ndarray], valid: np.ndarray) -> dict[str, pa.Array]:
+        n = len(self.prefix)
+        own = {name[n:]: value for name, value in values.items() if name.startswith(self.prefix)}
+        return {self.prefix + name: array for name, array in self.kind.arrays(own, valid).items()}
+
+
 KINDS = {"topk": TopK, "embedding": Embedding, "scores": Scores}
 
 
@@ -152,10 +176,12 @@ def check_names(names) -> None:
         raise UserError(f"outputs must be a list of distinct {', '.join(KINDS)}; got {list(names)}")
 
 
-def make_outputs(names, options: OutputOptions) -> list:
-    """The output kinds asked for (`outputs=[…]`), sized from the model's outputs on one probe image."""
+def make_outputs(names, options: OutputOptions, model: str | None = None) -> list:
+    """The output kinds asked for (`outputs=[…]`), sized from the model's outputs on one probe image;
+    with `model`, their columns are prefixed with its name."""
     check_names(names)
-    return [KINDS[name].from_options(options) for name in names]
+    kinds = [KINDS[name].from_options(options) for name in names]
+    return kinds if model is None else [Prefixed(kind, model) for kind in kinds]
 
 
 def compute_all(kinds: list, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,10 +28,10 @@ from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOne
 from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
 from pipeline.meter import Meter, metrics_name, write_metrics
-from pipeline.model import LoadedModel, compile_model, load_model
+from pipeline.model import LoadedModel
+from pipeline.models import ModelSet, PlannedModel, load_models, model_identities, preprocessings
 from pipeline.sources import Builder
-from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
-from pipeline.scorer import Scorer
+from pipeline.outputs import check_names
 from pipeline.settings import ScoreSettings
 from pipeline.stage import Stager, can_stage, check_stage_dir
 from pipeline.shards import BackgroundOpening, Shard, assign_to_rank, expand_shards, open_shard, shard_name
@@ -102,15 +102,32 @@ class Plan:
     world_size: int
     shard_names: list[str]  # every shard of the run, all ranks
     shards: list[Shard]  # this rank's, opened (indexed and counted)
-    loaded: LoadedModel
+    models: list[PlannedModel]  # in the order they run
+    preprocesses: list[Preprocess]  # the decoder's branches
     batch_size: int
     auto_table: list[dict] | None
-    outputs: list
     metadata: dict
     rules: SampleRules
-    preprocess: Preprocess
     started: float  # perf_counter at the start of planning: the job's own time, imports aside
     build: Builder | None = None
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The first model (in a one-model run, the model)."""
+        return self.models[0].loaded
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.preprocesses[0]
+
+    @property
+    def outputs(self) -> list:
+        """Every output kind of every model, in column order."""
+        return [kind for m in self.models for kind in m.outputs]
+
+    @property
+    def model_label(self) -> str:
+        return "+".join(m.label for m in self.models)
 
 
 def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Builder | None = None) -> Plan:
@@ -127,13 +144,13 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     rank, world_size = cluster.rank_and_world(settings.dist)
     all_paths = expand_shards(settings.data.shards)
     mine = assign_to_rank(all_paths, rank, world_size)
-    m, d, out = settings.model, settings.data, settings.output
+    d, out = settings.data, settings.output
     check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
     if d.stage_dir:
         check_stage_dir(d.stage_dir)
     opening = BackgroundOpening(mine, d.index_cache_dir, settings.loader.threads)
     try:
-        loaded = load_model(m, device, dtype, settings.seed, "embedding" in settings.outputs, build)
+        models = load_models(settings, device, dtype, build)
         if settings.decoder != "torch":
             dali_available()  # its import, meanwhile
     finally:
@@ -141,25 +158,27 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     shards = [opened.get(p) or open_shard(p, d.index_cache_dir) for p in mine]
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
              dev.describe(device), precision)
-    preprocess = loaded.preprocess
-    probe = _probe(loaded.module, preprocess.crop_size, device, dtype)
-    outputs = make_outputs(settings.outputs, OutputOptions(probe, m.topk, loaded.categories, loaded.classifier,
-                                                           out.normalize_embedding, out.activation))
     batch_size, auto_table = settings.batch_size, None
-    if batch_size == "auto":
-        batch_size, auto_table = choose_batch_size(loaded.module, preprocess.crop_size, dtype, device, settings)
-    if m.compile:
-        loaded.module = compile_model(loaded.module)
-    metadata = {
-        "model": m.label, "source": m.source_label,
-        "weights": loaded.source, "precision": precision, "outputs": [kind.identity for kind in outputs],
-        "preprocess": dataclasses.asdict(preprocess), "batch_size": batch_size, "version": __version__,
-        "config": resolved_config or {},
-    }
+    if batch_size == "auto":  # the decode batch every model fits (a model's own batch_size caps its chunks)
+        chosen = [choose_batch_size(m.loaded.module, m.loaded.preprocess.crop_size, dtype, device, settings)
+                  for m in models if m.branch is not None]
+        batch_size, auto_table = min(chosen, key=lambda c: c[0])
+    metadata = {**run_metadata(models, precision), "batch_size": batch_size, "version": __version__,
+                "config": resolved_config or {}}
     rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels,
                         tuple(c.lower() for c in out.keep_components))
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
-                loaded, batch_size, auto_table, outputs, metadata, rules, preprocess, started, build)
+                models, preprocessings(models), batch_size, auto_table, metadata, rules, started, build)
+
+
+def run_metadata(models: list[PlannedModel], precision: str) -> dict:
+    """The run's identity as every file records it: the model's own (one model), or each model's under
+    `models` (several)."""
+    identities = model_identities(models, precision)
+    if models[0].name is None:
+        return {**identities[None], "models": None}
+    return {"model": None, "source": None, "weights": None, "precision": precision, "outputs": None,
+            "preprocess": None, "models": identities}
 
 
 class Runner:
@@ -178,14 +197,20 @@ class Runner:
                 log.error("shard failed shard=%s reason=%s", s.path, s.error)
                 self.writer.fail(s.name, s.error)
         self.writer.remove_stale_temporaries([s.name for s in readable])
-        context = f"model={p.metadata['model']} precision={p.precision} image_size={p.preprocess.crop_size}"
-        self.scorer = Scorer(p.loaded.module, p.batch_size, p.device, p.settings.oom, context)
+        self.models = ModelSet(p.models, p.batch_size, p.device, p.dtype, p.precision, p.settings.oom,
+                               p.settings.oom.inject_model)
         self.decoder_name = p.settings.decoder
         self._decoder, self._skipped, self._todo, self._staged = None, 0, 0, None
 
     def run(self, signals: StopSignals) -> int:
         readable = [s for s in self.p.shards if s.error is None]
-        todo = _shards_to_do(readable, self.writer, self.settings.output.overwrite, self._footers)
+        todo, write = _shards_to_do(readable, self.writer, self.settings.output.overwrite, self._footers,
+                                    {m.name for m in self.p.models})
+        if todo and write != {m.name for m in self.p.models}:
+            self.models.run_only(write)
+            self.writer.compute_only(self.models.outputs)
+            log.info("models written=%s run=%s: the others' columns are kept from the files",
+                     ",".join(m.label for m in self.models.writing), ",".join(m.label for m in self.models.running))
         if todo:
             self.decoder_name = choose_decoder(self.settings.decoder, todo, staged=bool(self.settings.data.stage_dir))
             remove_success(self.layout)
@@ -216,8 +241,9 @@ class Runner:
                 stager = Stager(todo, d.stage_dir, d.stage_ahead)
             else:
                 log.info("data.stage_dir is not used: decoder=torch streams remote shards itself")
+        preprocesses = [p.preprocesses[b] for b in self.models.branches]  # those of the models run
         try:
-            decoder = make_decoder(self.decoder_name, todo, p.rules, p.preprocess, p.batch_size, p.device, p.dtype,
+            decoder = make_decoder(self.decoder_name, todo, p.rules, preprocesses, p.batch_size, p.device, p.dtype,
                                    self.settings.loader, self.settings.oom, stager)
         except BaseException:
             if stager is not None:
@@ -235,16 +261,16 @@ class Runner:
                 if isinstance(item, ShardFailure):
                     self.writer.fail(item.shard, item.reason)
                     continue
-                dev.consume(item.images, item.ready)
+                for view in item.views:
+                    dev.consume(view, item.ready)
                 with meter.timing("model"):
-                    output = self.scorer.forward(item.images, item.n_valid)
-                    host = dev.HostCopy(compute_all(p.outputs, output), p.device)
+                    host = dev.HostCopy(self.models.forward(item.views, item.n_valid), p.device)
                 if pending is not None:
                     self._write(pending, meter)
                 pending = (item.rows, host)
                 meter.batch_done(item.n_valid, errors=item.n_valid - item.rows.status.count(OK),
-                                 oom_events=self.scorer.policy.events + decoder.oom_events,
-                                 micro=self.scorer.micro_batch)
+                                 oom_events=self.models.oom_events + decoder.oom_events,
+                                 micro=self.models.micro_batch)
                 if meter.batches % TRIM_EVERY == 0:  # keeps a night's heap from creeping up
                     dev.trim_host_memory()
         finally:
@@ -258,12 +284,14 @@ class Runner:
 
     def _metrics(self, summary: dict, decoder: Decoder | None) -> dict:
         """What `_metrics/rank-NNNNN.json` says, while running and at the end."""
-        p, s, writer = self.p, self.scorer, self.writer
+        p, models, writer = self.p, self.models, self.writer
+        per_model = models.stats()
         return {
             **summary, "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch_size,
-            "micro_batch": s.micro_batch, "min_micro_batch": s.policy.min_size, "oom_events": s.policy.events,
+            "micro_batch": models.micro_batch, "min_micro_batch": min(m["min_micro_batch"] for m in per_model.values()),
+            "oom_events": models.oom_events, "models": per_model if p.models[0].name else None,
             "precision": p.precision, "device": str(p.device), "decoder": self.decoder_name,
-            "model": p.metadata["model"], "shards_assigned": len(p.shards), "shards_skipped_complete": self._skipped,
+            "model": p.model_label, "shards_assigned": len(p.shards), "shards_skipped_complete": self._skipped,
             "shards_written": len(writer.committed) - self._skipped,
             "shards_failed": dict(sorted(writer.failed.items())), "rows_written": writer.rows_written,
             "status_counts": dict(writer.status_counts),
@@ -353,27 +381,36 @@ def _refuse_foreign_parquet(layout: OutputLayout, shards: list[Shard], run_shard
     return footers
 
 
-def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool,
-                  footers: dict[str, tuple]) -> list[Shard]:
+def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool, footers: dict[str, tuple],
+                  models: set) -> tuple[list[Shard], set]:
+    """(the shards to score, the models to write). With several models, a shard whose file holds some of
+    them under the same identity keeps their columns, and only the others are written; a file holding a
+    model the run no longer has is a user error unless output.overwrite."""
     if overwrite:
-        return list(shards)
-    todo = []
+        return list(shards), models
+    todo, write, keeping = [], set(), 0
     for s in shards:
-        done, why = writer.resume(s.name, footers.get(s.name, (None, "no output yet")))
+        footer = footers.get(s.name, (None, "no output yet"))
+        done, why = writer.resume(s.name, footer)
         if done:
             continue
-        if why != "no output yet":
+        kept, dropped = writer.kept_and_dropped(s.name, footer)
+        if dropped:
+            raise UserError(f"{writer.layout.path(s.name + '.parquet')} holds model(s) {', '.join(dropped)} that this "
+                            "run does not have: add them back to models:, or give output.overwrite=true to rescore "
+                            "every shard without them")
+        if kept:
+            writer.keep_columns(s.name)
+            keeping += 1
+        elif why != "no output yet":
             log.warning("redoing shard=%s reason=%s", s.name, why)
+        write |= models - kept
         todo.append(s)
     skipped = len(shards) - len(todo)
     if skipped:
         log.info("resume: %d shard(s) already complete, %d to do", skipped, len(todo))
-    return todo
+    if keeping:
+        log.info("resume: %d shard(s) to do keep the columns of the models they hold", keeping)
+    return todo, write
 
 
-def _probe(module, size: int, device, dtype) -> dict[str, torch.Tensor]:
-    """The model's outputs for one blank image: their shapes size the output columns."""
-    with torch.inference_mode():
-        x = torch.zeros((1, 3, size, size), device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        out = module(x)
-    return out if isinstance(out, dict) else {"output": out, "embedding": out}

@@ -70,11 +70,14 @@ class Scorer:
     """`forward(images)` → the model's outputs ({"output", "embedding"}) for every row, in order; owns
     OOM halving."""
 
-    def __init__(self, module: nn.Module, batch_size: int, device: torch.device, oom: OomSettings, context: str = ""):
+    def __init__(self, module: nn.Module, batch_size: int, device: torch.device, oom: OomSettings, context: str = "",
+                 micro_batch: int | None = None):
         self.module = module
         self.device = device
+        self.batch_size = batch_size  # rows per call
         self.context = context  # model, precision and input size, for the give-up message
-        self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
+        # `micro_batch`: the largest chunk this model runs at (its own memory), at most the batch
+        self.policy = MicroBatchPolicy(min(micro_batch or batch_size, batch_size), oom.regrow_after)
         self.inject_above = oom.inject_above
         self.inject_limit = oom.inject_limit
         self.injected = 0
@@ -87,8 +90,8 @@ class Scorer:
         """The model's outputs for the first `valid` rows of `images` (all by default), run over every row
         (padding included: one static shape) in chunks of the current micro-batch."""
         total = images.shape[0]
-        if total != self.policy.batch_size:  # the decoder and the scorer were given different batch sizes
-            raise RuntimeError(f"a batch of {total} rows reached a scorer of batch size {self.policy.batch_size}")
+        if total != self.batch_size:  # the decoder and the scorer were given different batch sizes
+            raise RuntimeError(f"a batch of {total} rows reached a scorer of batch size {self.batch_size}")
         outputs = []
         start = 0
         size = self.policy.next_size()
@@ -97,7 +100,7 @@ class Scorer:
             chunk = images[start : start + rows]
             if rows < size:  # keep the one static shape (and memory format): pad the tail chunk
                 padded = torch.empty((size, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device,
-                                     memory_format=torch.channels_last)
+                                     memory_format=torch.channels_last if chunk.dim() == 4 else torch.contiguous_format)
                 padded[:rows] = chunk
                 padded[rows:] = 0
                 chunk = padded

@@ -19,6 +19,8 @@ DECODERS = ("dali", "torch", "auto")
 # Both decoders resample these alike; nearest-neighbour picks different source pixels in DALI and torchvision.
 INTERPOLATIONS = ("bilinear", "bicubic")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
+HIDDEN_ACTIVATIONS = ("none", "relu", "gelu")
+HEAD_INPUTS = ("embedding", "scores")  # what a head reads of its input model: `input: <model>.<one of these>`
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ModelSettings:
     preprocessing it expects; preprocessing left null comes from the model itself."""
 
     source: str = "torchvision"  # torchvision | timm | open_clip | module (a module of pipeline/sources)
-    name: str | None = "resnet18"  # the source's architecture name
+    name: str | None = None  # the source's architecture name
     weights: str | None = None  # the source's pretrained name or tag (torchvision: DEFAULT too); None: seeded random init
     checkpoint: str | None = None  # a state_dict file, loaded with weights_only=True, for any source
     path: str | None = None  # or a TorchScript (.pt/.ts) or torch.export (.pt2) file instead of a source
@@ -40,6 +42,16 @@ class ModelSettings:
     interpolation: str | None = None  # bilinear | bicubic; None: from the model
     topk: int = 5
     compile: bool = False
+    # With several models (`models:`), each may say these for itself; null: the run's own value.
+    outputs: tuple[str, ...] | None = None  # output kinds; a head's default is [scores]
+    activation: str | None = None  # scores: none | sigmoid | softmax (null: output.activation)
+    normalize_embedding: bool | None = None  # null: output.normalize_embedding
+    batch_size: int | None = None  # largest micro-batch this model runs at (null: the decode batch)
+    # source=head: a small module on another model's output, built from `layers` or `module`
+    input: str | None = None  # <model>.embedding or <model>.scores
+    normalize_input: bool = False  # L2-normalise the input first (CLIP-embedding heads expect it)
+    layers: tuple[int, ...] | None = None  # Linear widths after the input's, e.g. [1024, 128, 64, 16, 1]
+    hidden_activation: str = "relu"  # between those Linear layers: none | relu | gelu
 
     def __post_init__(self):
         _check(self.interpolation is None or self.interpolation in INTERPOLATIONS,
@@ -54,8 +66,24 @@ class ModelSettings:
         _check(self.topk >= 1, "model.topk must be >= 1")
         _check(self.num_classes is None or self.num_classes >= 1, "model.num_classes must be >= 1")
         _check(self.path is None or self.checkpoint is None, "give at most one of model.checkpoint and model.path")
-        _check(self.path is not None or self.source == "module" or bool(self.name),
+        _check(self.path is not None or self.source in ("module", "head") or bool(self.name),
                f"model.name is required for model.source={self.source}")
+        _check(self.activation is None or self.activation in ACTIVATIONS,
+               f"model.activation must be one of {'|'.join(ACTIVATIONS)} or null")
+        _check(self.batch_size is None or self.batch_size >= 1, "model.batch_size must be >= 1 or null")
+        _check(self.hidden_activation in HIDDEN_ACTIVATIONS,
+               f"model.hidden_activation must be one of {'|'.join(HIDDEN_ACTIVATIONS)}")
+        if self.source == "head":
+            _check(isinstance(self.input, str) and self.input.count(".") == 1
+                   and self.input.split(".")[1] in HEAD_INPUTS,
+                   f"a head needs input: <model>.embedding or <model>.scores, got {self.input!r}")
+            _check((self.layers is None) != (self.module is None),
+                   "a head needs exactly one of layers: [..] (Linear widths) and module: {_target_: ...}")
+            _check(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 1),
+                   "a head's layers must be positive widths, e.g. [1024, 128, 64, 16, 1]")
+        else:
+            _check(self.input is None and self.layers is None,
+                   "model.input and model.layers are for source=head")
         _check(self.source != "module" or self.path is not None or isinstance((self.module or {}).get("_target_"), str),
                "model.source=module needs model.module with a _target_ (e.g. {_target_: mypkg.MyNet, width: 8})")
 
@@ -64,7 +92,17 @@ class ModelSettings:
         """What the model is called in logs and in the run's identity: its file, its module's class, or its name."""
         if self.path:
             return self.path
+        if self.source == "head":
+            return f"head({self.module['_target_'] if self.module else 'x'.join(map(str, self.layers))})"
         return self.module["_target_"] if self.source == "module" else self.name
+
+    @property
+    def is_head(self) -> bool:
+        return self.source == "head" and self.path is None
+
+    @property
+    def input_model(self) -> str | None:
+        return self.input.split(".")[0] if self.input else None
 
     @property
     def source_label(self) -> str:
@@ -149,6 +187,7 @@ class OomSettings:
     inject_above: int | None = None  # debug: raise a real OutOfMemoryError above this many rows
     inject_limit: int | None = None  # debug: stop injecting after this many injected errors
     inject_decode_above: int | None = None  # debug: DALI decode batches above this many images run out of memory
+    inject_model: str | None = None  # debug: inject_above into this model only (a name under models:)
 
     def __post_init__(self):
         _check(self.regrow_after >= 1, "oom.regrow_after must be >= 1")
@@ -181,7 +220,8 @@ class ScoreSettings:
 
     data: DataSettings
     output: OutputSettings
-    model: ModelSettings = field(default_factory=ModelSettings)
+    model: ModelSettings = field(default_factory=lambda: ModelSettings(name="resnet18"))
+    models: dict[str, ModelSettings] = field(default_factory=dict)  # several named models: `model` is unused
     outputs: tuple[str, ...] = ("topk",)  # output kinds (pipeline/outputs.py); one forward pass feeds them all
     batch_size: int | str = 256  # or "auto"
     precision: str = "auto"
@@ -202,6 +242,41 @@ class ScoreSettings:
         _check(self.device in DEVICES, f"device must be one of {'|'.join(DEVICES)}, got {self.device!r}")
         _check(self.log_every_s > 0, "log_every_s must be > 0")
         _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
+        _check(not self.model.is_head, "model.source=head runs on another model's output: give it under models:")
+        check_models(self.models)
+        _check(self.oom.inject_model is None or self.oom.inject_model in self.models,
+               f"oom.inject_model={self.oom.inject_model} is not a model of models:")
+
+    @property
+    def named_models(self) -> list[tuple[str | None, ModelSettings]]:
+        """The run's models: (None, `model`) in the single-model form (columns unprefixed), else each of
+        `models` by its name, heads after the model they read."""
+        if not self.models:
+            return [(None, self.model)]
+        return [(name, self.models[name]) for name in model_order(self.models)]
+
+
+def check_models(models: dict) -> None:
+    """Names that can prefix a column; each head's input exists and is not itself (or a loop)."""
+    for name, m in models.items():
+        _check(name.isidentifier() and name.islower() and not name.startswith("_"),
+               f"models.{name}: a model's name prefixes its columns: use lower-case letters, digits and _")
+        if m.is_head:
+            _check(m.input_model in models, f"models.{name}.input={m.input}: there is no model "
+                   f"{m.input_model!r} (models: {', '.join(models)})")
+    model_order(models)
+
+
+def model_order(models: dict) -> list[str]:
+    """Backbones in their given order, then each head once the model it reads is placed."""
+    order = [n for n, m in models.items() if not m.is_head]
+    heads = [n for n, m in models.items() if m.is_head]
+    while heads:
+        ready = [n for n in heads if models[n].input_model in order]
+        _check(bool(ready), f"models: the heads {', '.join(heads)} read each other in a loop")
+        order += ready
+        heads = [n for n in heads if n not in ready]
+    return order
 
 
 def _check(ok: bool, message: str) -> None:
@@ -248,6 +323,18 @@ def _convert(hint, value, where: str):
         return tuple(converted) if origin is tuple else converted
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is dict:
+        if not isinstance(value, typing.Mapping):
+            raise UserError(f"{where} must be a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        converted = {}
+        for k, v in value.items():
+            try:
+                converted[str(k)] = _convert(item, v, f"{where}.{k}")
+            except UserError as e:  # a model's own checks name `model.<key>`: say which model
+                message = str(e)
+                raise UserError(f"{where}.{k}.{message[6:]}" if message.startswith("model.") else message) from None
+        return converted
     if hint is dict:
         if not isinstance(value, typing.Mapping):
             raise UserError(f"{where} must be a mapping, got {value!r}")

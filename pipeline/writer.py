@@ -31,7 +31,9 @@ META_KEY = b"shardscore"
 MAX_PENDING_BYTES = 256 * 2**20  # tables handed to the writer thread and not yet on disk
 WRITE_THREADS = 2  # files encoded and synced at once (4 measured no faster at 3,000 shards: the CPUs are the limit)
 # What makes two runs' rows interchangeable: a file written under another identity is redone.
-IDENTITY_KEYS = ("model", "source", "weights", "precision", "outputs", "preprocess")
+# With several models, `models` holds each one's identity (the others are null): a file is then complete
+# when it holds every model of the run, and a model's columns can be kept when only others are missing.
+IDENTITY_KEYS = ("model", "source", "weights", "precision", "outputs", "preprocess", "models")
 
 
 class _NoPandas:
@@ -77,6 +79,20 @@ def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) 
     return True, ""
 
 
+def kept_and_dropped(stored: dict, identity: dict) -> tuple[set[str], list[str]]:
+    """For a file of several models: (the run's models it holds under the same identity, so their columns
+    can be kept; the models it holds that the run does not have)."""
+    mine, theirs = identity.get("models") or {}, stored.get("models") or {}
+    if not mine or not theirs:
+        return set(), []
+    kept = {name for name, ident in mine.items() if theirs.get(name) == ident}
+    return kept, sorted(set(theirs) - set(mine))
+
+
+class CannotMerge(Exception):
+    """A shard's existing file does not line up with the rows scored now (other keys or statuses)."""
+
+
 @dataclass
 class _ShardBuffer:
     expected: int
@@ -95,19 +111,21 @@ class ShardWriter:
 
     def __init__(self, layout: OutputLayout, expected: dict[str, int], metadata: dict, outputs: list,
                  kept: tuple[str, ...] = ()):
+        """`outputs`: every output kind of the run, in column order."""
         self.layout = layout
         self.metadata = metadata
         self.identity = run_identity(metadata)
-        self.outputs = outputs
-        self.schema = pa.schema([
+        self._rows_fields = [
             pa.field("key", pa.string(), nullable=False),
             pa.field("shard", pa.string(), nullable=False),
             pa.field("label", pa.int64()),
             pa.field("status", pa.string(), nullable=False),
             pa.field("error", pa.string()),
             *(pa.field(name, pa.string()) for name in kept),
-            *(f for kind in outputs for f in kind.fields()),
-        ])
+        ]
+        self.schema = pa.schema([*self._rows_fields, *(f for kind in outputs for f in kind.fields())])
+        self.compute_only(outputs)
+        self._merge: set[str] = set()  # shards whose file gives the columns not computed
         self.kept = kept
         # Statistics (min/max, for readers that skip files by key) on the row columns only; floating output
         # columns are stored byte-stream-split, which compresses them and costs less than a dictionary.
@@ -137,6 +155,26 @@ class ShardWriter:
         if done:
             self.committed[shard] = {"rows": meta.num_rows, "status_counts": stored.get("status_counts", {})}
         return done, why
+
+    def compute_only(self, outputs: list) -> None:
+        """`add` is given the values of these output kinds only; the other columns are taken from each
+        shard's existing file (`keep_columns`)."""
+        self.computed = outputs
+        self._batch_schema = pa.schema([*self._rows_fields, *(f for kind in outputs for f in kind.fields())])
+        self._from_file = [f.name for f in self.schema if f.name not in self._batch_schema.names]
+
+    def keep_columns(self, shard: str) -> None:
+        """Take the columns of the models not computed in this run from the shard's existing file."""
+        self._merge.add(shard)
+
+    def kept_and_dropped(self, shard: str, footer: tuple) -> tuple[set[str], list[str]]:
+        """For a shard whose file is not complete: the run's models whose columns it holds (when it holds
+        every row of the shard), and the models it holds that the run no longer has."""
+        meta, _ = footer
+        if meta is None:
+            return set(), []
+        kept, dropped = kept_and_dropped(stored_metadata(meta), self.identity)
+        return (kept if meta.num_rows == self._buffers[shard].expected else set()), dropped
 
     def remove_stale_temporaries(self, shards: list[str]) -> None:
         """Temporary files a killed run left for these shards (never another rank's)."""
@@ -186,11 +224,16 @@ class ShardWriter:
         buf = self._buffers[shard]
         self._buffers[shard] = _ShardBuffer(buf.expected)  # the table below holds what is needed
         table = buf.parts[0] if len(buf.parts) == 1 else pa.concat_tables(buf.parts)
-        table = table.replace_schema_metadata({META_KEY: self._file_metadata(table.num_rows, buf.counts)})
+        metadata = {META_KEY: self._file_metadata(table.num_rows, buf.counts)}
+        merge = bool(self._from_file)
+        if merge and shard not in self._merge:
+            raise RuntimeError(f"shard {shard} has no file to take {self._from_file[0]} from")
+        if not merge:
+            table = table.replace_schema_metadata(metadata)
         size = table.nbytes  # ~20 µs for a slice of a batch: once
         self._collect(keep_bytes=MAX_PENDING_BYTES - size)
         self._pending.append((shard, table.num_rows, buf.counts, size,
-                              self._thread.submit(self._write_file, shard, table)))
+                              self._thread.submit(self._write_file, shard, table, metadata if merge else None)))
         self._pending_bytes += size
 
     def _file_metadata(self, rows: int, counts: collections.Counter) -> bytes:
@@ -208,7 +251,7 @@ class ShardWriter:
             self._pending_bytes -= size
             try:
                 future.result()
-            except OSError as e:
+            except (OSError, CannotMerge) as e:
                 log.error("shard failed shard=%s reason=cannot write its Parquet file: %s", shard, e)
                 self.failed[shard] = f"cannot write its Parquet file: {e}"
                 continue
@@ -216,9 +259,21 @@ class ShardWriter:
             self.rows_written += rows
             self.status_counts.update(counts)
 
-    def _write_file(self, shard: str, table: pa.Table) -> None:
+    def _write_file(self, shard: str, table: pa.Table, metadata: dict | None) -> None:
+        """`metadata`: given when the file's other columns are to be merged in first."""
+        if metadata is not None:
+            table = self._with_file_columns(shard, table).replace_schema_metadata(metadata)
         path = self.layout.write_parquet(f"{shard}.parquet", table, **self._parquet_options)
         log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, path)
+
+    def _with_file_columns(self, shard: str, table: pa.Table) -> pa.Table:
+        """The new rows with the columns not computed now taken from the shard's file, in the run's schema."""
+        old = self.layout.read_table(f"{shard}.parquet", ["key", "status", *self._from_file])
+        if not (old.column("key").equals(table.column("key")) and old.column("status").equals(table.column("status"))):
+            raise CannotMerge(f"its existing file's keys or statuses differ from the shard's rows now, so its other "
+                              f"models' columns cannot be kept: rerun with output.overwrite=true")
+        columns = [table.column(f.name) if f.name in table.schema.names else old.column(f.name) for f in self.schema]
+        return pa.table(columns, schema=self.schema)
 
     def _table(self, rows: Rows, values: dict[str, np.ndarray]) -> pa.Table:
         valid = np.array([s == OK for s in rows.status], dtype=bool)
@@ -230,9 +285,9 @@ class ShardWriter:
             "error": pa.array(rows.errors, pa.string()),
             **{name: pa.array(rows.components[name], pa.string()) for name in self.kept},
         }
-        for kind in self.outputs:
+        for kind in self.computed:
             columns.update(kind.arrays(values, valid))
-        return pa.table([columns[f.name] for f in self.schema], schema=self.schema)
+        return pa.table([columns[f.name] for f in self._batch_schema], schema=self._batch_schema)
 
 
 def _is_floating(type_: pa.DataType) -> bool:

@@ -67,7 +67,7 @@ def tiny_settings(shards, out, **kw):
     from pipeline.settings import DataSettings, ModelSettings, OutputSettings, ScoreSettings
 
     data_keys = {f.name for f in fields(DataSettings)}
-    model_keys = {f.name for f in fields(ModelSettings)}
+    model_keys = {f.name for f in fields(ModelSettings)} - {f.name for f in fields(ScoreSettings)}  # batch_size: the run's
     data = DataSettings(shards=shards, **{k: kw.pop(k) for k in list(kw) if k in data_keys})
     model = ModelSettings(name="resnet18", weights=None, resize_size=72, crop_size=64)
     model = replace(model, **{k: kw.pop(k) for k in list(kw) if k in model_keys})

@@ -55,7 +55,7 @@ def jpegs(count: int, seed: int) -> list[np.ndarray]:
 
 
 def stage(batch_size=8, regrow_after=50) -> DecodeStage:
-    return DecodeStage(PRE, batch_size, torch.device("cpu"), torch.float32, LoaderSettings(threads=2),
+    return DecodeStage([PRE], batch_size, torch.device("cpu"), torch.float32, LoaderSettings(threads=2),
                        OomSettings(regrow_after=regrow_after))
 
 
@@ -65,9 +65,9 @@ def decode(s: DecodeStage, batches):
     for i, batch in enumerate(batches):
         tokens.append(s.start(batch))
         if i:
-            images, failed = s.finish(tokens[i - 1], batches[i - 1])
+            (images,), failed = s.finish(tokens[i - 1], batches[i - 1])
             results.append((images.clone(), failed))
-    images, failed = s.finish(tokens[-1], batches[-1])
+    (images,), failed = s.finish(tokens[-1], batches[-1])
     return results + [(images.clone(), failed)]
 
 
@@ -79,7 +79,7 @@ def fail_once(s: DecodeStage, text: str, when=lambda n: n > 1, error=RuntimeErro
 
     def output():
         images = real()
-        if left[0] and when(images.shape[0]):
+        if left[0] and when(images[0].shape[0]):
             left[0] -= 1
             raise error(text)
         return images
@@ -157,13 +157,13 @@ REAL_OOM = textwrap.dedent("""
     a = np.zeros((6000, 6000, 3), np.uint8); a[::7] = 200
     b = io.BytesIO(); Image.fromarray(a).save(b, format="JPEG", quality=50)
     big = np.frombuffer(b.getvalue(), np.uint8)
-    s = DecodeStage(Preprocess(64, 64, (0.5,) * 3, (0.5,) * 3, "bilinear"), 4, torch.device("cpu"), torch.float32,
+    s = DecodeStage([Preprocess(64, 64, (0.5,) * 3, (0.5,) * 3, "bilinear")], 4, torch.device("cpu"), torch.float32,
                     LoaderSettings(threads=1), OomSettings())
     s.finish(s.start([big]), [big])  # one image fits
     vm = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
     limit = vm + int(sys.argv[1]) * 2**20  # room for one 108 MB image, not for four
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    images, failed = s.finish(s.start([big] * 4), [big] * 4)
+    (images,), failed = s.finish(s.start([big] * 4), [big] * 4)
     print(images.shape[0], failed, s.oom_events)
 """)
 
@@ -278,7 +278,7 @@ def test_an_image_only_torchvision_decodes_is_scored_with_its_decode(out_dtype, 
     s._reference_run = reference_run
     (images, failed), = decode(s, [batch])
     assert failed == [] and images.shape[0] == 4 and s.reference_decodes == 1 and refused
-    crop = decode_and_crop(batch[2].tobytes(), PRE).permute(1, 2, 0)
+    crop = decode_and_crop(batch[2].tobytes(), [PRE])[0].permute(1, 2, 0)
     if out_dtype == torch.uint8:
         assert torch.equal(images[2], crop)
     else:
@@ -316,9 +316,9 @@ def test_normalising_in_dali_matches_normalising_uint8_crops(dtype):
     batch = jpegs(8, 7)
     inputs = []
     for out_dtype in (torch.uint8, dtype):
-        pipe = DecodePipeline(PRE, 8, torch.device("cpu"), out_dtype, LoaderSettings(threads=2))
+        pipe = DecodePipeline([PRE], 8, torch.device("cpu"), out_dtype, LoaderSettings(threads=2))
         pipe.feed(batch)
-        inputs.append(Normalizer(8, PRE, torch.device("cpu"), dtype).place(pipe.output(), None, 8).float())
+        inputs.append(Normalizer(8, PRE, torch.device("cpu"), dtype).place(pipe.output()[0], None, 8).float())
         pipe.close()
     torch.testing.assert_close(inputs[1], inputs[0], atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
 
@@ -327,11 +327,11 @@ def test_decoded_images_stay_valid_while_held():
     """Batches are used without a copy: an output DALI gave must not change when DALI runs again."""
     from pipeline.decode.dali_decode import DecodePipeline
 
-    pipe = DecodePipeline(PRE, 8, torch.device("cpu"), torch.float32, LoaderSettings(threads=2))  # CUDA's form
+    pipe = DecodePipeline([PRE], 8, torch.device("cpu"), torch.float32, LoaderSettings(threads=2))  # CUDA's form
     held = []
     for seed in range(4):
         pipe.feed(jpegs(8, seed))
-        images = pipe.output()
+        (images,) = pipe.output()
         held.append((images, images.clone()))
     assert all(torch.equal(images, copy) for images, copy in held)
     assert not torch.equal(held[0][1], held[1][1])  # (distinct batches)
@@ -350,23 +350,24 @@ def test_stitched_pieces_land_where_their_rows_are(pieces, lengths):
     from pipeline.decode.assemble import DecodedAssembler, Normalizer
 
     size, batch_size = 4, 5
-    normalizer = Normalizer(batch_size, Preprocess(4, 4, (0.5,) * 3, (0.25,) * 3, "bilinear"), torch.device("cpu"),
-                            torch.float32)
-    assembler = DecodedAssembler(normalizer)
+    stds = (0.25, 0.5)  # two branches: each row's image lands on the same row in both views
+    assembler = DecodedAssembler([Normalizer(batch_size, Preprocess(4, 4, (0.5,) * 3, (std,) * 3, "bilinear"),
+                                             torch.device("cpu"), torch.float32) for std in stds])
     expected, batches, value = [], [], 0
     for n, positions in pieces:
         rows = Rows([f"k{value + i}" for i in range(n)], ["s"] * n, [None] * n, ["ok"] * n, [None] * n)
         have = range(n) if positions is None else positions
         images = torch.stack([torch.full((size, size, 3), value + i, dtype=torch.uint8) for i in have])
         expected += [float(value + i) if i in have else None for i in range(n)]
-        batches += assembler.add(rows, images, positions)
+        batches += assembler.add(rows, (images, images.clone()), positions)
         value += n
     batches += assembler.flush()
     assert [len(b.rows) for b in batches] == lengths
     assert [k for b in batches for k in b.rows.keys] == [f"k{i}" for i in range(value)]
     for row, want in enumerate(expected + [None] * (-value % batch_size)):  # then the padding
-        got = batches[row // batch_size].images[row % batch_size]
-        if want is None:
-            assert torch.equal(got, torch.zeros_like(got))
-        else:
-            assert torch.allclose(got, torch.full_like(got, (want - 127.5) / 63.75)), row
+        for view, std in zip(batches[row // batch_size].views, stds):
+            got = view[row % batch_size]
+            if want is None:
+                assert torch.equal(got, torch.zeros_like(got))
+            else:
+                assert torch.allclose(got, torch.full_like(got, (want - 127.5) / (255 * std))), row

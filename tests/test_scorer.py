@@ -52,7 +52,7 @@ def make_batch(n_rows: int, batch_size: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     images = torch.randn((batch_size, 3, 4, 4), generator=g).contiguous(memory_format=torch.channels_last)
     keys = [str(i) for i in range(n_rows)]
-    return Batch(images=images, rows=Rows(keys, ["s"] * n_rows, [None] * n_rows, ["ok"] * n_rows, [None] * n_rows))
+    return Batch(views=(images,), rows=Rows(keys, ["s"] * n_rows, [None] * n_rows, ["ok"] * n_rows, [None] * n_rows))
 
 
 def scorer_for(model, batch_size, regrow_after=50):

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 @runtime_checkable
 class Decoder(Protocol):
     """What the runner asks of a back-end (`make_decoder` gives one): fixed-size Batches, in shard order,
+    each image decoded once and holding one view per preprocessing the decoder was given (in that order),
     and a ShardFailure for each shard it could not read to its end; `stop` ends its threads and workers
     (iterating after it is not allowed); and what decoding cost, for the metrics."""
 
@@ -86,18 +87,21 @@ def choose_decoder(name: str, shards: list[Shard], staged: bool = False) -> str:
     return "dali"
 
 
-def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
-                 device: torch.device, dtype: torch.dtype, loader, oom, stager=None) -> Decoder:
-    """The back-end `name` over `shards`; `loader` is LoaderSettings (threads, prefetch, DALI options),
+def make_decoder(name: str, shards: list[Shard], rules: SampleRules, preprocesses: list[Preprocess] | Preprocess,
+                 batch_size: int, device: torch.device, dtype: torch.dtype, loader, oom, stager=None) -> Decoder:
+    """The back-end `name` over `shards`, each image decoded once into one view per preprocessing (its
+    branches: `preprocesses`); `loader` is LoaderSettings (threads, prefetch, DALI options),
     `oom` OomSettings (regrowth of the decode batch, injected errors), `stager` a pipeline.stage.Stager
     for remote shards (DALI only: the torch decoder streams them)."""
+    if isinstance(preprocesses, Preprocess):
+        preprocesses = [preprocesses]
     if name == "dali":
         from pipeline.decode.dali import DaliDecoder
 
-        return DaliDecoder(shards, rules, preprocess, batch_size, device, dtype, loader, oom, stager)
+        return DaliDecoder(shards, rules, preprocesses, batch_size, device, dtype, loader, oom, stager)
     from pipeline.decode.torch import TorchDecoder
 
-    return TorchDecoder(shards, rules, preprocess, batch_size, device, dtype, loader)
+    return TorchDecoder(shards, rules, preprocesses, batch_size, device, dtype, loader)
 
 
 __all__ = ["Decoder", "Preprocess", "SampleRules", "choose_decoder", "make_decoder"]

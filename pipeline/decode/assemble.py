@@ -101,22 +101,22 @@ class Normalizer:
 
 
 class BatchAssembler:
-    """Fills fixed-size batches from chunks of rows with their uint8 crops ([n, 3, S, S], zeros for rows
-    that are not ok), as the torch back-end's workers send them."""
+    """Fills fixed-size batches from chunks of rows with their uint8 crops, one tensor per branch
+    ([n, 3, S, S], zeros for rows that are not ok), as the torch back-end's workers send them."""
 
-    def __init__(self, normalizer: Normalizer):
-        self.normalizer = normalizer
-        self.batch_size = normalizer.batch_size
+    def __init__(self, normalizers: list[Normalizer]):
+        self.normalizers = normalizers
+        self.batch_size = normalizers[0].batch_size
         self._rows = Rows()
-        self._crops: list[torch.Tensor] = []
+        self._crops: list[tuple[torch.Tensor, ...]] = []
         self._count = 0
 
-    def add(self, rows: Rows, crops: torch.Tensor) -> Iterator[Batch]:
+    def add(self, rows: Rows, crops: tuple[torch.Tensor, ...]) -> Iterator[Batch]:
         start = 0
         while start < len(rows):
             take = min(self.batch_size - self._count, len(rows) - start)
             self._rows.extend(rows.slice(start, start + take))
-            self._crops.append(crops[start : start + take])
+            self._crops.append(tuple(c[start : start + take] for c in crops))
             self._count += take
             start += take
             if self._count == self.batch_size:
@@ -128,26 +128,30 @@ class BatchAssembler:
             yield self._make()
 
     def _make(self) -> Batch:
-        crops = self._crops[0] if len(self._crops) == 1 else torch.cat(self._crops)
-        device = self.normalizer.device
-        batch = Batch(self.normalizer.batch(dev.to_device(crops, device)), self._rows, dev.record_event(device))
+        device = self.normalizers[0].device
+        views = []
+        for branch, normalizer in enumerate(self.normalizers):
+            parts = [crops[branch] for crops in self._crops]
+            crops = parts[0] if len(parts) == 1 else torch.cat(parts)
+            views.append(normalizer.batch(dev.to_device(crops, device)))
+        batch = Batch(tuple(views), self._rows, dev.record_event(device))
         self._rows, self._crops, self._count = Rows(), [], 0
         return batch
 
 
 class DecodedAssembler:
-    """Fills fixed-size batches from pieces of rows with their images already normalised (NHWC, for the
-    rows at `positions`, None: all rows), as DALI's decode batches give them. A piece that fills a batch
-    alone becomes it directly; shorter ones (the last reader batch of a window of shards) are stitched
-    with the next, so padding is only ever at the end of the run."""
+    """Fills fixed-size batches from pieces of rows with their images already decoded (a tuple of NHWC
+    tensors, one per branch, for the rows at `positions`, None: all rows), as DALI's decode batches give
+    them. A piece that fills a batch alone becomes it directly; shorter ones (the last reader batch of a
+    window of shards) are stitched with the next, so padding is only ever at the end of the run."""
 
-    def __init__(self, normalizer: Normalizer):
-        self.normalizer = normalizer
-        self.batch_size = normalizer.batch_size
-        self._pieces: list[tuple[Rows, torch.Tensor | None, list[int] | None]] = []
+    def __init__(self, normalizers: list[Normalizer]):
+        self.normalizers = normalizers
+        self.batch_size = normalizers[0].batch_size
+        self._pieces: list[tuple[Rows, tuple | None, list[int] | None]] = []
         self._count = 0
 
-    def add(self, rows: Rows, images: torch.Tensor | None, positions: list[int] | None) -> Iterator[Batch]:
+    def add(self, rows: Rows, images: tuple | None, positions: list[int] | None) -> Iterator[Batch]:
         if not self._pieces and len(rows) == self.batch_size:
             yield self._batch([(rows, images, positions)])
             return
@@ -167,36 +171,40 @@ class DecodedAssembler:
             self._pieces, self._count = [], 0
 
     def _batch(self, pieces) -> Batch:
-        device = self.normalizer.device
+        device = self.normalizers[0].device
         if len(pieces) == 1:
             rows, images, positions = pieces[0]
             index = None if positions is None else dev.to_device(torch.tensor(positions, dtype=torch.long), device)
-            batch = self.normalizer.place(images, index, len(rows))
+            views = [n.place(None if images is None else images[b], index, len(rows))
+                     for b, n in enumerate(self.normalizers)]
         else:
             # Pieces without positions have every row's image, in order: normalised straight in, no scatter.
             scatter = any(positions is not None for _, _, positions in pieces)
             rows, kept, where, offset = Rows(), [], [], 0
             for piece_rows, images, positions in pieces:
                 rows.extend(piece_rows)
-                if images is not None and images.shape[0]:
+                if images is not None and images[0].shape[0]:
                     kept.append(images)
                     if scatter:
                         where += [offset + p for p in (positions if positions is not None else range(len(piece_rows)))]
                 offset += len(piece_rows)
             index = dev.to_device(torch.tensor(where, dtype=torch.long), device) if scatter else None
-            batch = self.normalizer.place(torch.cat(kept) if kept else None, index, len(rows))
-        return Batch(batch, rows, dev.record_event(device))
+            views = [n.place(torch.cat([k[b] for k in kept]) if kept else None, index, len(rows))
+                     for b, n in enumerate(self.normalizers)]
+        return Batch(tuple(views), rows, dev.record_event(device))
 
 
 def _split(rows: Rows, images, positions, k: int):
-    """(the first k rows of a piece, the rest), each with its images and positions."""
+    """(the first k rows of a piece, the rest), each with its images (per branch) and positions."""
     if k == len(rows):
         return (rows, images, positions), (Rows(), None, None)
     if positions is None:  # kept None: a batch stitched from such pieces needs no scatter by positions
-        return (rows.slice(0, k), images[:k], None), (rows.slice(k, len(rows)), images[k:], None)
+        return ((rows.slice(0, k), tuple(v[:k] for v in images), None),
+                (rows.slice(k, len(rows)), tuple(v[k:] for v in images), None))
     m = bisect.bisect_left(positions, k)
-    head = (rows.slice(0, k), None if images is None else images[:m], positions[:m])
-    tail = (rows.slice(k, len(rows)), None if images is None else images[m:], [p - k for p in positions[m:]])
+    head = (rows.slice(0, k), None if images is None else tuple(v[:m] for v in images), positions[:m])
+    tail = (rows.slice(k, len(rows)), None if images is None else tuple(v[m:] for v in images),
+            [p - k for p in positions[m:]])
     return head, tail
 
 

@@ -35,12 +35,12 @@ def dali_available() -> bool:
 class DaliDecoder:
     """Yields fixed-size Batches (and ShardFailures) for `shards`, in shard order."""
 
-    def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
+    def __init__(self, shards: list[Shard], rules: SampleRules, preprocesses: list[Preprocess], batch_size: int,
                  device: torch.device, dtype: torch.dtype, loader, oom, stager=None):
         self.shards = shards
         self.stager = stager
         self.rules = rules
-        self.preprocess = preprocess
+        self.preprocesses = preprocesses
         self.batch_size = batch_size
         self.device = device
         self.dtype = dtype
@@ -60,9 +60,9 @@ class DaliDecoder:
         self._stage = None
 
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
-        normalizer = Normalizer(self.batch_size, self.preprocess, self.device, self.dtype)
-        assembler = DecodedAssembler(normalizer)
-        self._stage = stage = DecodeStage(self.preprocess, self.batch_size, self.device, self.dtype, self.loader,
+        assembler = DecodedAssembler([Normalizer(self.batch_size, p, self.device, self.dtype)
+                                      for p in self.preprocesses])
+        self._stage = stage = DecodeStage(self.preprocesses, self.batch_size, self.device, self.dtype, self.loader,
                                           self.oom)
         in_flight: deque[Checked] = deque()
         retired: list = []  # readers done with their window, shut down once none of their batches is in flight
@@ -92,8 +92,8 @@ class DaliDecoder:
             _shut_down_unused(retired, ())
             stage.close()
 
-    def _finish(self, item: Checked) -> tuple[Rows, torch.Tensor | None, list[int] | None]:
-        """The item's rows, its decoded images and the rows they belong to (None: all)."""
+    def _finish(self, item: Checked) -> tuple[Rows, tuple | None, list[int] | None]:
+        """The item's rows, its decoded views (one per branch) and the rows they belong to (None: all)."""
         if item.encoded is None:
             return item.rows, None, []
         images, failed = self._stage.finish(item.token, item.encoded)

@@ -45,27 +45,28 @@ class _ReferenceOutOfMemory(Exception):
 
 
 class DecodeStage:
-    """Encoded images → crops [n, S, S, 3] (NHWC: channels_last once permuted) on the device: normalised
-    in the model's dtype on CUDA, uint8 on the CPU (see `output_dtype`).
+    """Encoded images → their crops, one [n, S, S, 3] tensor per preprocessing ("branch"; NHWC: channels_last
+    once permuted) on the device, each image decoded once: normalised in the model's dtype on CUDA, uint8
+    on the CPU (see `output_dtype`). A batch's views are a tuple, one tensor per branch, everywhere below.
 
-    `start` feeds a batch and returns at once; `finish` (in the same order) returns its images and the
+    `start` feeds a batch and returns at once; `finish` (in the same order) returns its views and the
     indices of those that fail alone. Two batches are in flight when the caller starts the next before
     finishing this one, so DALI's host work on the next batch overlaps the device work on this one."""
 
-    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, dtype: torch.dtype, loader,
-                 oom):
-        self.preprocess, self.batch_size, self.device, self.dtype, self.loader = (preprocess, batch_size, device,
-                                                                                  dtype, loader)
+    def __init__(self, preprocesses: list[Preprocess], batch_size: int, device: torch.device, dtype: torch.dtype,
+                 loader, oom):
+        self.preprocesses, self.batch_size, self.device, self.dtype, self.loader = (preprocesses, batch_size, device,
+                                                                                    dtype, loader)
         self.policy = MicroBatchPolicy(batch_size, oom.regrow_after)
         self.fallbacks = 0  # batches that failed and had their images judged one by one
         self.oom_events = 0
         self.reference_decodes = 0  # images decoded by the reference (DALI's CPU decoder, else torchvision) instead
         self._inject_oom_above = oom.inject_decode_above
         self.out_dtype = output_dtype(device, dtype)
-        self._pipe = DecodePipeline(preprocess, batch_size, device, self.out_dtype, loader)
+        self._pipe = DecodePipeline(preprocesses, batch_size, device, self.out_dtype, loader)
         self._reference: DecodePipeline | None = None  # built when a batch first fails, then kept
         self._queued: deque[int] = deque()  # tokens of the batches running in DALI, in order
-        self._results: dict[int, object] = {}  # outputs taken out of DALI early: a tensor or the error
+        self._results: dict[int, object] = {}  # outputs taken out of DALI early: the views or the error
         self._next_token = 0
 
     def close(self) -> None:
@@ -85,10 +86,10 @@ class DecodeStage:
                 self._results[token] = e
         return token
 
-    def finish(self, token: int, encoded) -> tuple[torch.Tensor, list[int]]:
-        """(images of those that decoded, in order; indices into `encoded` of those that failed alone)."""
+    def finish(self, token: int, encoded) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """(views of those that decoded, in order; indices into `encoded` of those that failed alone)."""
         result = self._take(token)
-        if isinstance(result, torch.Tensor):
+        if isinstance(result, tuple):
             self.policy.on_batch_done()
             return result, []
         error = None
@@ -103,12 +104,12 @@ class DecodeStage:
         self.policy.on_batch_done()
         failed = [i for i, r in enumerate(results) if r is None]
         good = [r for r in results if r is not None]
-        return (torch.cat(good) if good else self._pipe.empty()), failed
+        return (tuple(torch.cat(views) for views in zip(*good)) if good else self._pipe.empty()), failed
 
     # --- taking outputs out of DALI, in order --------------------------------------------------------
 
     def _take(self, token: int):
-        """The output of batch `token` (the oldest one running): a tensor, the error DALI raised for it,
+        """The output of batch `token` (the oldest one running): its views, the error DALI raised for it,
         or None if it never ran."""
         if token in self._results:
             return self._results.pop(token)
@@ -125,8 +126,8 @@ class DecodeStage:
     def _output(self):
         try:
             images = self._pipe.output()
-            if self._inject_oom_above is not None and images.shape[0] > self._inject_oom_above:
-                raise torch.OutOfMemoryError(f"out of memory (injected: decoding {images.shape[0]} images > "
+            if self._inject_oom_above is not None and images[0].shape[0] > self._inject_oom_above:
+                raise torch.OutOfMemoryError(f"out of memory (injected: decoding {images[0].shape[0]} images > "
                                              f"oom.inject_decode_above={self._inject_oom_above})")
             return images
         except (*DECODE_ERRORS, torch.OutOfMemoryError) as e:
@@ -135,8 +136,8 @@ class DecodeStage:
 
     # --- decoding again, after an error ---------------------------------------------------------------
 
-    def _decode_in_batches(self, items: list, error: BaseException | None = None) -> list[torch.Tensor | None]:
-        """Per item its image [1, S, S, 3], or None when it fails alone; decode batches shrink on OOM.
+    def _decode_in_batches(self, items: list, error: BaseException | None = None) -> list[tuple | None]:
+        """Per item its views (each [1, S, S, 3]), or None when it fails alone; decode batches shrink on OOM.
         `error`: what DALI raised for all of `items` already, so the first try is not run again."""
         results: list[torch.Tensor | None] = []
         while len(results) < len(items):
@@ -148,10 +149,10 @@ class DecodeStage:
             error = None
         return results
 
-    def _decode_chunk(self, chunk: list, error: BaseException | None) -> list[torch.Tensor | None]:
+    def _decode_chunk(self, chunk: list, error: BaseException | None) -> list[tuple | None]:
         """Decode `chunk` on the main pipeline; an image DALI names as failed is judged by the reference
         decoder and left out of the next try. Raises _OutOfMemory (the decode batch halved) when memory ran out."""
-        results: list[torch.Tensor | None] = [None] * len(chunk)
+        results: list[tuple | None] = [None] * len(chunk)
         todo = list(range(len(chunk)))
         misses = 0
         while todo:
@@ -159,9 +160,9 @@ class DecodeStage:
                 output, error = error, None
             else:
                 output = self._run([chunk[i] for i in todo])
-            if isinstance(output, torch.Tensor):
-                for i, image in zip(todo, output.split(1)):
-                    results[i] = image
+            if isinstance(output, tuple):
+                for i, views in zip(todo, _per_image(output)):
+                    results[i] = views
                 return results
             if dev.is_out_of_memory(output):
                 self._shrink(len(todo), output)
@@ -184,23 +185,23 @@ class DecodeStage:
         return results
 
     def _run(self, items: list):
-        """Decode `items` on the main pipeline now: their images, or the error DALI raised."""
+        """Decode `items` on the main pipeline now: their views, or the error DALI raised."""
         try:
             self._pipe.feed(items)
         except DECODE_ERRORS as e:
             return e
         return self._output()
 
-    def _judge(self, items: list) -> list[torch.Tensor | None]:
-        """Decode `items` on the reference pipeline: per item its image, or None when it fails alone there."""
-        results: list[torch.Tensor | None] = [None] * len(items)
+    def _judge(self, items: list) -> list[tuple | None]:
+        """Decode `items` on the reference pipeline: per item its views, or None when it fails alone there."""
+        results: list[tuple | None] = [None] * len(items)
         groups = [list(range(len(items)))]
         while groups:
             group = groups.pop()
             output = self._reference_run([items[i] for i in group])
-            if isinstance(output, torch.Tensor):
-                for i, image in zip(group, output.split(1)):
-                    results[i] = dev.to_device(image.clone(), self.device)
+            if isinstance(output, tuple):
+                for i, views in zip(group, _per_image(output)):
+                    results[i] = tuple(dev.to_device(v.clone(), self.device) for v in views)
                 continue
             if len(group) == 1:
                 results[group[0]] = self._second_opinion(items[group[0]])  # None: decode_error
@@ -215,36 +216,39 @@ class DecodeStage:
         self.reference_decodes += sum(r is not None for r in results)
         return results
 
-    def _reference_decode(self, item) -> torch.Tensor | None:
+    def _reference_decode(self, item) -> tuple | None:
         """One image on the reference pipeline; if that fails too, the torch back-end's decoder decides."""
         output = self._reference_run([item])
-        if isinstance(output, torch.Tensor):
-            return dev.to_device(output.clone(), self.device)
+        if isinstance(output, tuple):
+            return tuple(dev.to_device(v.clone(), self.device) for v in output)
         return self._second_opinion(item)
 
-    def _second_opinion(self, item) -> torch.Tensor | None:
+    def _second_opinion(self, item) -> tuple | None:
         """An image DALI's CPU decoder failed on alone, decoded by torchvision (what decoder=torch does): its
         image, or None when it fails there too (decode_error). DALI says only "Failed to decode sample #i"
         even when the decoder ran out of memory; torchvision says which it was."""
         try:
             from pipeline.decode.torch import decode_and_crop  # (torchvision: imported on the first need)
 
-            crop = decode_and_crop(np.ascontiguousarray(item).tobytes(), self.preprocess)
+            crops = decode_and_crop(np.ascontiguousarray(item).tobytes(), self.preprocesses)
         except Exception as e:  # noqa: BLE001 (any decoder error: the image is bad)
             if dev.is_out_of_memory(e):
                 raise _ReferenceOutOfMemory(e) from None
             return None
-        if self.out_dtype == torch.uint8:
-            image = crop.permute(1, 2, 0)[None].contiguous()
-        else:  # normalised as DALI would have: one row through the Normalizer (channels_last, so NHWC)
-            image = Normalizer(1, self.preprocess, torch.device("cpu"), self.out_dtype).batch(crop[None])
-            image = image.permute(0, 2, 3, 1)
-        return dev.to_device(image, self.device)
+        views = []
+        for crop, p in zip(crops, self.preprocesses):
+            if self.out_dtype == torch.uint8:
+                image = crop.permute(1, 2, 0)[None].contiguous()
+            else:  # normalised as DALI would have: one row through the Normalizer (channels_last, so NHWC)
+                image = Normalizer(1, p, torch.device("cpu"), self.out_dtype).batch(crop[None])
+                image = image.permute(0, 2, 3, 1)
+            views.append(dev.to_device(image, self.device))
+        return tuple(views)
 
     def _reference_run(self, items: list):
         if self._reference is None:
             log.info("building DALI's CPU decode pipeline to judge images the %s decoder failed on", self.device.type)
-            self._reference = DecodePipeline(self.preprocess, self.batch_size, torch.device("cpu"), self.out_dtype,
+            self._reference = DecodePipeline(self.preprocesses, self.batch_size, torch.device("cpu"), self.out_dtype,
                                               self.loader)
         try:
             self._reference.feed(items)
@@ -271,19 +275,26 @@ class DecodeStage:
             raise OutOfMemoryAtOneRow(f"out of memory decoding a single image on {self.device}") from None
 
 
+def _per_image(views: tuple[torch.Tensor, ...]):
+    """A batch's views → per image, its views (each [1, S, S, 3])."""
+    return zip(*(v.split(1) for v in views))
+
+
 def _failed_sample(error: BaseException, count: int) -> int | None:
     found = _FAILED_SAMPLE.search(str(error))
     return int(found.group(1)) if found and int(found.group(1)) < count else None
 
 
 class DecodePipeline:
-    """One DALI pipeline: encoded images in; resized and cropped images out, NHWC, as uint8 or normalised in
-    `out_dtype` (float16 or float32). Primed at build with two tiny batches, so that each `feed` runs
-    exactly one batch (DALI's first run would otherwise run as many as its queue is deep)."""
+    """One DALI pipeline: encoded images in, each decoded once; per preprocessing, the resized and cropped
+    images out, NHWC, as uint8 or normalised in `out_dtype` (float16 or float32). Primed at build with two
+    tiny batches, so that each `feed` runs exactly one batch (DALI's first run would otherwise run as many
+    as its queue is deep)."""
 
-    def __init__(self, preprocess: Preprocess, batch_size: int, device: torch.device, out_dtype: torch.dtype, loader):
-        self.preprocess, self.batch_size, self.device, self.dtype, self.loader = (preprocess, batch_size, device,
-                                                                                  out_dtype, loader)
+    def __init__(self, preprocesses: list[Preprocess], batch_size: int, device: torch.device, out_dtype: torch.dtype,
+                 loader):
+        self.preprocesses, self.batch_size, self.device, self.dtype, self.loader = (preprocesses, batch_size, device,
+                                                                                    out_dtype, loader)
         self._pipe = None
         self._build()
 
@@ -291,15 +302,14 @@ class DecodePipeline:
         self._pipe.feed_input("encoded", encoded)
         self._pipe.schedule_run()
 
-    def output(self) -> torch.Tensor:
-        """The next batch's images [n, S, S, 3], a tensor of its own: on the CPU, a view of memory DALI's
-        dynamic executor does not reuse while it is referenced (tests/test_decode_failures.py checks it)."""
-        (out,) = self._pipe.outputs()
-        return to_torch(out.as_tensor(), self.device)
+    def output(self) -> tuple[torch.Tensor, ...]:
+        """The next batch's views, each [n, S, S, 3] and a tensor of its own: on the CPU, a view of memory
+        DALI's dynamic executor does not reuse while it is referenced (tests/test_decode_failures.py checks it)."""
+        return tuple(to_torch(out.as_tensor(), self.device) for out in self._pipe.outputs())
 
-    def empty(self) -> torch.Tensor:
-        size = self.preprocess.crop_size
-        return torch.empty((0, size, size, 3), dtype=self.dtype, device=self.device)
+    def empty(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.empty((0, p.crop_size, p.crop_size, 3), dtype=self.dtype, device=self.device)
+                     for p in self.preprocesses)
 
     def ensure_usable(self) -> None:
         """After an error: run a tiny batch; a pipeline that cannot (older DALI) is built again."""
@@ -317,7 +327,7 @@ class DecodePipeline:
 
     def _build(self) -> None:
         self.close()  # the old pipeline's buffers go before the new one allocates
-        self._pipe = _build_decode_pipeline(self.preprocess, self.batch_size, self.device, self.dtype, self.loader)
+        self._pipe = _build_decode_pipeline(self.preprocesses, self.batch_size, self.device, self.dtype, self.loader)
         for _ in range(self._pipe.prefetch_queue_depth):
             self._pipe.feed_input("encoded", _tiny_batch())
         self._pipe.schedule_run()
@@ -351,7 +361,8 @@ def output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.float32
 
 
-def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device, out_dtype: torch.dtype, loader):
+def _build_decode_pipeline(preprocesses: list[Preprocess], batch_size: int, device: torch.device,
+                           out_dtype: torch.dtype, loader):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device.type == "cuda"
@@ -368,15 +379,18 @@ def _build_decode_pipeline(p: Preprocess, batch_size: int, device: torch.device,
     def decode():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_options)
-        crops = fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),
-                                      antialias=True, interp_type=getattr(types, INTERP[p.interpolation]))
-        if out_dtype == torch.uint8:
-            return crops
-        # (x - mean) / std, in the model's dtype and the channels_last layout, on the device: no float32
-        # copy of the batch in between (B=1024 at 448 px: 2.5 GB).
-        return fn.crop_mirror_normalize(crops, mean=[m * 255 for m in p.mean], std=[s * 255 for s in p.std],
-                                        dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
-                                        output_layout="HWC")
+        views = []
+        for p in preprocesses:  # one decode, then a resize and crop (and normalisation) per branch
+            crops = fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),
+                                          antialias=True, interp_type=getattr(types, INTERP[p.interpolation]))
+            if out_dtype != torch.uint8:
+                # (x - mean) / std, in the model's dtype and the channels_last layout, on the device: no
+                # float32 copy of the batch in between (B=1024 at 448 px: 2.5 GB).
+                crops = fn.crop_mirror_normalize(crops, mean=[m * 255 for m in p.mean], std=[s * 255 for s in p.std],
+                                                 dtype=types.FLOAT16 if out_dtype == torch.float16 else types.FLOAT,
+                                                 output_layout="HWC")
+            views.append(crops)
+        return tuple(views)
 
     pipe = decode()
     pipe.build()

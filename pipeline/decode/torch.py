@@ -42,10 +42,10 @@ class TorchDecoder:
     oom_events = 0
     reference_decodes = 0
 
-    def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess, batch_size: int,
+    def __init__(self, shards: list[Shard], rules: SampleRules, preprocesses: list[Preprocess], batch_size: int,
                  device: torch.device, dtype: torch.dtype, loader):
-        self.dataset = ShardSamples(shards, rules, preprocess)
-        self.normalizer = Normalizer(batch_size, preprocess, device, dtype)
+        self.dataset = ShardSamples(shards, rules, preprocesses)
+        self.normalizers = [Normalizer(batch_size, p, device, dtype) for p in preprocesses]
         self.workers = min(loader.threads, len(shards))
         self.prefetch = loader.prefetch
         self.pin = device.type == "cuda"
@@ -60,7 +60,7 @@ class TorchDecoder:
     def _produce(self, stopped: Callable[[], bool]) -> Iterator[Batch | ShardFailure]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             prefetch_factor=self.prefetch if self.workers else None, pin_memory=self.pin)
-        assembler = BatchAssembler(self.normalizer)
+        assembler = BatchAssembler(self.normalizers)
         # The workers are forked; a garbage collection in one of them would write to every Python object it
         # inherited and so copy them all (~200 MB per worker). Frozen objects are never traversed.
         gc.freeze()
@@ -80,15 +80,16 @@ class TorchDecoder:
 
 
 class ShardSamples(IterableDataset):
-    """Chunks of up to CHUNK_ROWS rows, in order, with their uint8 crops [n, 3, S, S] (zeros where a row is
-    not ok); worker i reads shards i, i+W, …; a shard that cannot be read to its end yields a ShardFailure."""
+    """Chunks of up to CHUNK_ROWS rows, in order, with their uint8 crops, one [n, 3, S, S] tensor per
+    branch (zeros where a row is not ok): each image decoded once, then resized and cropped per branch.
+    Worker i reads shards i, i+W, …; a shard that cannot be read to its end yields a ShardFailure."""
 
-    def __init__(self, shards: list[Shard], rules: SampleRules, preprocess: Preprocess):
+    def __init__(self, shards: list[Shard], rules: SampleRules, preprocesses: list[Preprocess]):
         self.shards = shards
         self.rules = rules
-        self.preprocess = preprocess
-        size = preprocess.crop_size
-        self._placeholder = torch.zeros((3, size, size), dtype=torch.uint8)  # never scored
+        self.preprocesses = preprocesses
+        # never scored
+        self._placeholder = tuple(torch.zeros((3, p.crop_size, p.crop_size), dtype=torch.uint8) for p in preprocesses)
 
     def __iter__(self):
         info = get_worker_info()
@@ -101,7 +102,7 @@ class ShardSamples(IterableDataset):
                     crops.append(self._sample(shard, key, components, seen, rows))
                     produced += 1
                     if len(rows) == CHUNK_ROWS:
-                        yield rows, torch.stack(crops)
+                        yield rows, _stack(crops)
                         rows, crops, start = Rows(), [], 0
                 if produced != shard.count:  # tarfile ends quietly at a damaged header
                     raise OSError(f"tar ended after {produced} of the {shard.count} samples its index lists")
@@ -110,10 +111,10 @@ class ShardSamples(IterableDataset):
                 rows, crops = rows.slice(0, start), crops[:start]  # rows already sent: the writer drops them
                 yield ShardFailure(shard.name, one_line(e))
         if rows:
-            yield rows, torch.stack(crops)
+            yield rows, _stack(crops)
 
-    def _sample(self, shard: Shard, key: str, components: dict, seen: set[str], rows: Rows) -> torch.Tensor:
-        """Appends the sample's row; returns its uint8 crop, or a placeholder when it is not ok."""
+    def _sample(self, shard: Shard, key: str, components: dict, seen: set[str], rows: Rows) -> tuple:
+        """Appends the sample's row; returns its uint8 crop per branch, or placeholders when it is not ok."""
         rules = self.rules
         image_ext, label_ext = rules.image_of(components), rules.label_of(components)
         image = components[image_ext] if image_ext is not None else None
@@ -121,7 +122,7 @@ class ShardSamples(IterableDataset):
         crop = self._placeholder
         if status == OK:
             try:
-                crop = decode_and_crop(image, self.preprocess)
+                crop = decode_and_crop(image, self.preprocesses)
             except Exception as e:  # torchvision's message starts with its source location: keep the reason
                 reason = one_line(e).rsplit(", ", 1)[-1]
                 status, error = "decode_error", f"corrupt or truncated image data (torchvision: {reason})"
@@ -136,15 +137,22 @@ class ShardSamples(IterableDataset):
         return crop
 
 
+def _stack(crops: list[tuple]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack(branch) for branch in zip(*crops))
 
-def decode_and_crop(data, p: Preprocess) -> torch.Tensor:
-    """An encoded image → its uint8 crop [3, S, S]: torchvision's decoder, resized and cropped with the
-    geometry both back-ends share. Raises what the decoder raises for bad data."""
+
+def decode_and_crop(data, preprocesses: list[Preprocess]) -> tuple[torch.Tensor, ...]:
+    """An encoded image, decoded once → its uint8 crop [3, S, S] per preprocessing: torchvision's decoder,
+    resized and cropped with the geometry both back-ends share. Raises what the decoder raises for bad data."""
     encoded = torch.frombuffer(data if isinstance(data, memoryview) else bytearray(data), dtype=torch.uint8)
     # Orientation as cameras intend, as DALI's decoder applies it.
     image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
         image = F.to_dtype(image, torch.uint8, scale=True)
+    return tuple(resize_and_crop(image, p) for p in preprocesses)
+
+
+def resize_and_crop(image: torch.Tensor, p: Preprocess) -> torch.Tensor:
     height, width = p.resized_shape(*image.shape[-2:])
     if (height, width) != tuple(image.shape[-2:]):
         image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
