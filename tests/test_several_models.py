@@ -1,0 +1,210 @@
+"""Several models from one decode: each writes what it writes alone, a model added later runs alone and
+keeps the others' columns, one model's OOM costs no other model a row, and the config's rules."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import run_cli, small_jpegs, tiny_settings
+from pipeline.errors import UserError
+from pipeline.pack import write_shards
+from pipeline.runner import score
+from pipeline.settings import ModelSettings, OomSettings, ScoreSettings, from_mapping
+from pipeline.sources.head import mlp
+
+# Two backbones on different preprocessings (size, interpolation) and a head on the first one's embedding.
+A = ModelSettings(name="resnet18", resize_size=40, crop_size=32, outputs=("topk", "embedding"))
+B = ModelSettings(name="mobilenet_v3_small", resize_size=72, crop_size=64, interpolation="bicubic",
+                  outputs=("scores",), activation="softmax")
+
+COUNTED = """
+import torch
+from torch import nn
+
+calls = {}
+
+
+class Counted(nn.Module):
+    '''A tiny backbone that records the size of each input it is called on, by its tag.'''
+
+    def __init__(self, tag, classes=10):
+        super().__init__()
+        self.tag = tag
+        self.fc = nn.Linear(3, classes)
+
+    def forward(self, x):
+        calls.setdefault(self.tag, []).append(x.shape[0])
+        return self.fc(x.float().mean((2, 3))).to(x.dtype)
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two shards (12 and 7 samples), one sample's JPEG cut short: it is a row with an error status."""
+    samples = list(small_jpegs(19, seed=4))
+    samples[5][1]["jpg"] = samples[5][1]["jpg"][:200]
+    return write_shards(iter(samples), str(tmp_path_factory.mktemp("several")), shard_size=12, prefix="part")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> ModelSettings:
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("head") / "head.pt"
+    torch.save(mlp(512, (16, 1), "relu").state_dict(), path)
+    return ModelSettings(source="head", input="a.embedding", normalize_input=True, layers=(16, 1),
+                         checkpoint=str(path))
+
+
+def settings_for(data, out, decoder, models=None, model=None, **kw) -> ScoreSettings:
+    s = tiny_settings(data, out, decoder=decoder, batch_size=8, models=models or {}, **kw)
+    return replace(s, model=model) if model else s
+
+
+def table(out) -> dict[str, list]:
+    return pq.read_table(str(out)).sort_by([("shard", "ascending"), ("key", "ascending")]).to_pydict()
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_three_models_write_what_each_writes_alone(data, head, tmp_path, decoder):
+    """Two backbones with their own preprocessing and a head, in one pass: each model's columns equal its
+    own run's (a and b alone, unprefixed; the head with only its input model); the error row is null in all."""
+    assert score(settings_for(data, tmp_path / "three", decoder, {"a": A, "b": B, "h": head})) == 0
+    assert score(settings_for(data, tmp_path / "a", decoder, model=A)) == 0  # the one-model form: `model`
+    assert score(settings_for(data, tmp_path / "b", decoder, model=B)) == 0
+    assert score(settings_for(data, tmp_path / "ah", decoder, {"a": A, "h": head})) == 0
+    three, a, b, ah = (table(tmp_path / n) for n in ("three", "a", "b", "ah"))
+    assert list(three) == ["key", "shard", "label", "status", "error", "a_topk_index", "a_topk_prob", "a_embedding",
+                           "b_scores", "h_score"]
+    assert three["key"] == a["key"] == b["key"] and len(three["key"]) == 19 and len(set(three["key"])) == 19
+    assert three["status"] == a["status"] and three["status"].count("ok") == 18
+    assert three["a_topk_index"] == a["topk_index"]  # top-k identical
+    np.testing.assert_allclose(np.array(three["a_topk_prob"][:5]), np.array(a["topk_prob"][:5]), rtol=1e-6)
+    ok = [i for i, s in enumerate(three["status"]) if s == "ok"]
+    bad = three["status"].index("decode_error")
+    for mine, alone in (("a_embedding", a["embedding"]), ("b_scores", b["scores"])):
+        np.testing.assert_allclose(np.array([three[mine][i] for i in ok]), np.array([alone[i] for i in ok]),
+                                   rtol=1e-3, atol=1e-3)
+        assert three[mine][bad] is None and alone[bad] is None
+    np.testing.assert_allclose([three["h_score"][i] for i in ok], [ah["h_score"][i] for i in ok], rtol=1e-5)
+    assert three["h_score"][bad] is None and three["a_topk_index"][bad] is None
+    meta = json.loads(pq.read_schema(str(tmp_path / "three" / "part-000000.parquet")).metadata[b"shardscore"])
+    assert meta["model"] is None and sorted(meta["models"]) == ["a", "b", "h"]
+    assert meta["models"]["b"]["preprocess"]["interpolation"] == "bicubic"
+    assert meta["models"]["h"]["preprocess"]["of"] == meta["models"]["a"]  # the head's input is part of its identity
+    metrics = json.loads((tmp_path / "three" / "_metrics" / "rank-00000.json").read_text())
+    assert sorted(metrics["models"]) == ["a", "b", "h"] and metrics["decoder"] == decoder
+
+
+def test_a_model_added_later_runs_alone_and_keeps_the_others(data, tmp_path, monkeypatch):
+    """A completed three-model output, scored again with a fourth model: only the fourth runs (the others'
+    forward passes are never called), the others' columns are kept byte for byte, one row per key."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "counted.py").write_text(textwrap.dedent(COUNTED))
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    import counted
+
+    def backbone(tag, classes=10, **kw):
+        return ModelSettings(source="module", module={"_target_": "counted.Counted", "tag": tag, "classes": classes},
+                             resize_size=kw.pop("resize", 36), crop_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                             interpolation="bilinear", outputs=("scores",), **kw)
+
+    three = {"a": backbone("a"), "b": backbone("b", resize=48),
+             "h": ModelSettings(source="head", input="a.scores", layers=(4, 1))}
+    out = tmp_path / "out"
+    assert score(settings_for(data, out, "dali", three), build=instantiate) == 0
+    assert counted.calls["a"] == counted.calls["b"] == [1, 8, 8, 8]  # the probe that sizes the columns, then 3 batches
+    before = table(out)
+    counted.calls.clear()
+    four = {**three, "d": backbone("d", classes=3, resize=40)}
+    assert score(settings_for(data, out, "dali", four), build=instantiate) == 0
+    # No batch reaches a or b (each sees only the one blank image that sizes its columns), nor the head.
+    assert counted.calls == {"a": [1], "b": [1], "d": [1, 8, 8, 8]}
+    after = table(out)
+    assert list(after) == [*list(before)[:-1], "d_scores", "h_score"]  # columns as models run: backbones, then heads
+    assert {k: v for k, v in after.items() if k != "d_scores"} == before
+    ok = [i for i, s in enumerate(after["status"]) if s == "ok"]
+    assert all(len(after["d_scores"][i]) == 3 for i in ok) and after["d_scores"][after["status"].index("decode_error")] is None
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    assert duckdb.sql(f"SELECT count(*), count(DISTINCT key), count(d_scores), count(h_score) FROM "
+                      f"'{out}/*.parquet'").fetchall() == [(19, 19, 18, 18)]
+    assert pd.read_parquet(out)["d_scores"].notna().sum() == 18
+    assert pl.scan_parquet(f"{out}/*.parquet").select(pl.col("h_score").count()).collect().item() == 18
+    assert (out / "_SUCCESS").exists()
+    # A model the files hold and the run does not: a user error before any image is read, unless overwrite.
+    counted.calls.clear()
+    with pytest.raises(UserError, match="holds model\\(s\\) d that this run does not have"):
+        score(settings_for(data, out, "dali", three), build=instantiate)
+    assert counted.calls == {"a": [1], "b": [1]}
+    assert score(settings_for(data, out, "dali", three, overwrite=True), build=instantiate) == 0
+    assert "d_scores" not in table(out)
+
+
+def test_an_oom_in_one_model_costs_no_row_of_any_model(data, head, tmp_path):
+    """A real OutOfMemoryError in b above 3 rows: b halves to 2 and retries; every row of every model is
+    written once, with the values of a run without the OOM, and a's micro-batch is untouched."""
+    models = {"a": A, "b": B, "h": head}
+    assert score(settings_for(data, tmp_path / "clean", "torch", models)) == 0
+    oom = OomSettings(inject_above=3, inject_model="b")
+    assert score(settings_for(data, tmp_path / "oom", "torch", models, oom=oom)) == 0
+    clean, hit = table(tmp_path / "clean"), table(tmp_path / "oom")
+    assert hit["key"] == clean["key"] and len(hit["key"]) == 19
+    assert hit["a_topk_index"] == clean["a_topk_index"] and hit["h_score"] == clean["h_score"]
+    np.testing.assert_allclose(np.array([v for v in hit["b_scores"] if v]), np.array([v for v in clean["b_scores"] if v]),
+                               rtol=1e-4, atol=1e-5)
+    metrics = json.loads((tmp_path / "oom" / "_metrics" / "rank-00000.json").read_text())["models"]
+    assert metrics["b"]["oom_events"] >= 2 and metrics["b"]["min_micro_batch"] == 2
+    assert metrics["a"]["oom_events"] == 0 and metrics["a"]["min_micro_batch"] == 8
+
+
+def test_the_config_of_several_models_is_checked_before_any_work():
+    base = {"data": {"shards": "x.tar"}, "output": {"dir": "o"}}
+    bad = {
+        "there is no model 'clip'": {"h": {"source": "head", "input": "clip.embedding", "layers": [1]}},
+        "read each other in a loop": {"g": {"source": "head", "input": "h.scores", "layers": [1]},
+                                      "h": {"source": "head", "input": "g.scores", "layers": [1]}},
+        "a head needs input": {"h": {"source": "head", "layers": [1]}},
+        "exactly one of layers": {"a": {"source": "timm", "name": "resnet18"}, "h": {"source": "head",
+                                                                                   "input": "a.embedding"}},
+        "prefixes its columns": {"Clip-1": {"source": "timm", "name": "resnet18"}},
+        "models.a.crop_size must be > 0": {"a": {"source": "timm", "name": "resnet18", "crop_size": 0}},
+        "unknown config key 'models.a.nme'": {"a": {"source": "timm", "nme": "resnet18"}},
+    }
+    for message, models in bad.items():
+        with pytest.raises(UserError, match=message.replace("(", "\\(")):
+            from_mapping(ScoreSettings, {**base, "models": models})
+    with pytest.raises(UserError, match="model.source=head runs on another model's output"):
+        from_mapping(ScoreSettings, {**base, "model": {"source": "head", "input": "a.embedding", "layers": [1]}})
+    ok = from_mapping(ScoreSettings, {**base, "models": {"h": {"source": "head", "input": "a.embedding", "layers": [1]},
+                                                         "a": {"source": "timm", "name": "resnet18"}}})
+    assert [name for name, _ in ok.named_models] == ["a", "h"]  # a head runs after what it reads
+
+
+def test_the_cli_composes_models_from_the_group_and_refuses_model_keys_beside_them(data, tmp_path):
+    """`+models=[…]` from conf/models, a model's key overridden by its path; model.* with models: is one line, exit 2."""
+    ckpt = tmp_path / "wm.pt"
+    import timm
+
+    torch.save(timm.create_model("efficientnet_b3", num_classes=2).state_dict(), ckpt)
+    out = tmp_path / "out"
+    r = run_cli("jobs.score", f"data.shards=[{data[1]}]", f"output.dir={out}", "+models=[watermark]",
+                f"models.watermark.checkpoint={ckpt}", "models.watermark.resize_size=40", "models.watermark.crop_size=32",
+                "batch_size=8", "precision=fp32", "progress=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = pq.read_table(str(out))
+    assert t.column_names[-1] == "watermark_scores" and t.num_rows == 7
+    assert np.allclose([sum(v) for v in t.column("watermark_scores").to_pylist() if v], 1, atol=1e-5)  # softmax
+    r = run_cli("jobs.score", f"data.shards=[{data[1]}]", f"output.dir={tmp_path / 'x'}", "+models=[watermark]",
+                f"models.watermark.checkpoint={ckpt}", "model.name=resnet50")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: model.name=resnet50: with models:")
+    assert "Traceback" not in r.stderr and not list((tmp_path / "x").glob("*.parquet"))
