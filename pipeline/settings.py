@@ -160,9 +160,13 @@ class DaliSettings:
     window_rows: int = 65536  # a reader reads consecutive shards until it holds this many samples …
     window_bytes: int = 512 * 2**20  # … or this many bytes of tar: what one reader maps and indexes at once
     mmap: bool = True  # the reader maps shards; false: reads them (DALI advises it on network file systems)
+    # Where crops are resized on the CPU: auto = torch (the torch back-end's resize: 3x faster here than DALI's
+    # CPU one), or dali (the graph the GPU runs). On CUDA always in DALI, on the device.
+    resize: str = "auto"
 
     def __post_init__(self):
         _check(0 <= self.hw_decoder_load <= 1, "loader.dali.hw_decoder_load must be in [0, 1]")
+        _check(self.resize in ("auto", "dali", "torch"), "loader.dali.resize must be auto, dali or torch")
         _check(self.window_rows >= 1 and self.window_bytes >= 1, "loader.dali.window_rows/window_bytes must be >= 1")
         _check(min(self.preallocate_width_hint, self.preallocate_height_hint, self.device_memory_padding,
                    self.host_memory_padding) >= 0, "loader.dali hints and paddings must be >= 0")

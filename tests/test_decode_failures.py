@@ -309,14 +309,16 @@ def test_a_batch_held_back_after_oom_does_not_take_the_next_batchs_images():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_normalising_in_dali_matches_normalising_uint8_crops(dtype):
     """CUDA's form (DALI normalises into the model's dtype) and the CPU's (uint8 crops normalised by the
-    Normalizer) give the same model input, both run here on DALI's CPU decoder."""
+    Normalizer) give the same model input, both run here on DALI's CPU decoder and resize."""
     from pipeline.decode.assemble import Normalizer
     from pipeline.decode.dali_decode import DecodePipeline
+    from pipeline.settings import DaliSettings
 
     batch = jpegs(8, 7)
     inputs = []
     for out_dtype in (torch.uint8, dtype):
-        pipe = DecodePipeline([PRE], 8, torch.device("cpu"), out_dtype, LoaderSettings(threads=2))
+        pipe = DecodePipeline([PRE], 8, torch.device("cpu"), out_dtype,
+                              LoaderSettings(threads=2, dali=DaliSettings(resize="dali")))
         pipe.feed(batch)
         inputs.append(Normalizer(8, PRE, torch.device("cpu"), dtype).place(pipe.output()[0], None, 8).float())
         pipe.close()

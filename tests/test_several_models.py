@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -208,3 +209,73 @@ def test_the_cli_composes_models_from_the_group_and_refuses_model_keys_beside_th
                 f"models.watermark.checkpoint={ckpt}", "model.name=resnet50")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: model.name=resnet50: with models:")
     assert "Traceback" not in r.stderr and not list((tmp_path / "x").glob("*.parquet"))
+
+
+def test_the_documented_conversion_of_laions_aesthetic_predictor_loads_as_a_head(data, tmp_path):
+    """docs/MODELS.md's snippet, run on a state_dict of the published layout (Linear/Dropout in `layers`):
+    the head it makes scores each row as that MLP scores the row's normalised embedding."""
+    from torch import nn
+
+    class Laion(nn.Module):  # the published predictor's module, at the width of resnet18's embedding
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(512, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                        nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+        def forward(self, x):
+            return self.layers(x)
+
+    torch.manual_seed(5)
+    laion = Laion().eval()
+    source, target = str(tmp_path / "published.pth"), str(tmp_path / "aesthetic.pt")
+    torch.save(laion.state_dict(), source)
+    doc = (Path(__file__).parents[1] / "docs" / "MODELS.md").read_text()
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(snippet, {"source": source, "target": target})
+    aesthetic = ModelSettings(source="head", input="a.embedding", normalize_input=True, layers=(1024, 128, 64, 16, 1),
+                              hidden_activation="none", checkpoint=target)
+    assert score(settings_for(data, tmp_path / "out", "torch", {"a": A, "aesthetic": aesthetic})) == 0
+    t = table(tmp_path / "out")
+    ok = [i for i, s in enumerate(t["status"]) if s == "ok"]
+    embedding = torch.nn.functional.normalize(torch.tensor([t["a_embedding"][i] for i in ok]), dim=1)
+    with torch.no_grad():
+        expected = laion(embedding)[:, 0].numpy()
+    np.testing.assert_allclose([t["aesthetic_score"][i] for i in ok], expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("same_size", [False, True])
+def test_dalis_branches_resized_by_dali_and_by_torch_agree(same_size):
+    """One decode, two branches, as the GPU's graph resizes them (DALI's resize, here on the CPU) and as the
+    CPU path does (torch's resize of DALI's decoded images: one call per batch when all are one size):
+    the same crops to within interpolation rounding, and torch's equal the torch decoder's own."""
+    from PIL import Image
+
+    from pipeline.decode.assemble import Preprocess
+    from pipeline.decode.dali_decode import DecodePipeline
+    from pipeline.decode.torch import resize_and_crop
+    from pipeline.pack import encode_jpeg, synthetic_image
+    from pipeline.settings import DaliSettings, LoaderSettings
+
+    rng = np.random.default_rng(2)
+    sizes = [(120, 90)] * 6 if same_size else [(int(w), int(h)) for w, h in rng.integers(60, 200, size=(6, 2))]
+    images = [np.asarray(synthetic_image(rng, 10, 10).resize(size)) for size in sizes]
+    encoded = [np.frombuffer(encode_jpeg(Image.fromarray(a), quality=95), np.uint8) for a in images]
+    branches = [Preprocess(40, 32, (0.5,) * 3, (0.5,) * 3, "bilinear"), Preprocess(72, 64, (0.5,) * 3, (0.5,) * 3, "bicubic")]
+    views = {}
+    for where in ("dali", "torch"):
+        pipe = DecodePipeline(branches, 6, torch.device("cpu"), torch.uint8,
+                              LoaderSettings(threads=2, dali=DaliSettings(resize=where)))
+        assert pipe.torch_resize == (where == "torch")
+        pipe.feed(encoded)
+        views[where] = [v.clone() for v in pipe.output()]
+        pipe.close()
+    for b, p in enumerate(branches):
+        by_dali, by_torch = views["dali"][b].float(), views["torch"][b].float()
+        assert by_dali.shape == by_torch.shape == (6, p.crop_size, p.crop_size, 3)
+        assert (by_dali - by_torch).abs().mean() < 1.5  # grey levels: two resamplers, one geometry
+    pipe = DecodePipeline([branches[1]], 1, torch.device("cpu"), torch.uint8, LoaderSettings(threads=2))
+    pipe.feed(encoded[:1])
+    (decoded,) = pipe._pipe.outputs()  # DALI's decoded image: torch's crop of it is the CPU path's view
+    own = resize_and_crop(torch.from_numpy(np.asarray(decoded[0])).permute(2, 0, 1).contiguous(), branches[1])
+    assert torch.equal(views["torch"][1][0], own.permute(1, 2, 0))
+    pipe.close()

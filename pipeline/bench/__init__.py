@@ -1,6 +1,7 @@
 """`jobs.bench`: how fast is the model alone (mode=sweep), how close does the whole job get to its
 ceilings (mode=e2e), what does the pipeline itself cost per row and per shard when decoding and
-the model are made nearly free (mode=overhead), and does a rank's memory stay flat (mode=memory)? The settings and the dispatch live here; each mode has
+the model are made nearly free (mode=overhead), does a rank's memory stay flat (mode=memory), and what does decoding once for several models save
+(mode=models)? The settings and the dispatch live here; each mode has
 its module, and `report` draws their tables and plots.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import EXIT_FAILED, EXIT_OK, UserError
 from pipeline.settings import PRECISIONS, ScoreSettings
 
-MODES = ("sweep", "e2e", "overhead", "memory")
+MODES = ("sweep", "e2e", "overhead", "memory", "models")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
 OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch", "score_dali_embedding")
 
@@ -91,6 +92,23 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class ModelsBenchSettings:
+    """mode=models: three models from one decode against three runs, over photo-size JPEGs, free models."""
+
+    images: int = 4096
+    shard_size: int = 1024
+    batch_size: int = 128
+    rounds: int = 5
+    decoder: str = "dali"
+    extra: tuple[str, ...] = ()  # more jobs.score overrides for every run
+
+    def __post_init__(self):
+        _check(self.images >= 1 and self.shard_size >= 1 and self.batch_size >= 1 and self.rounds >= 1,
+               "bench.models.images, shard_size, batch_size and rounds must be >= 1")
+        _check(self.decoder in ("dali", "torch"), "bench.models.decoder must be dali or torch")
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     """The `bench:` node of conf/bench.yaml."""
 
@@ -103,6 +121,7 @@ class BenchSettings:
     e2e: E2ESettings = field(default_factory=E2ESettings)
     overhead: OverheadSettings = field(default_factory=OverheadSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    models: ModelsBenchSettings = field(default_factory=ModelsBenchSettings)
 
     def __post_init__(self):
         _check(bool(self.out_dir), "bench.out_dir is required")
@@ -128,6 +147,11 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=No
         from pipeline.bench.overhead import run_overhead
 
         run_overhead(settings, bench)
+        return EXIT_OK
+    if mode == "models":
+        from pipeline.bench.several import run_models
+
+        run_models(settings, bench)
         return EXIT_OK
     if mode == "memory":
         from pipeline.bench.memory import run_memory

@@ -15,6 +15,7 @@ import logging
 import math
 import re
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -295,6 +296,8 @@ class DecodePipeline:
                  loader):
         self.preprocesses, self.batch_size, self.device, self.dtype, self.loader = (preprocesses, batch_size, device,
                                                                                     out_dtype, loader)
+        self.torch_resize = resizes_in_torch(loader.dali.resize, out_dtype)
+        self._resizers: ThreadPoolExecutor | None = None
         self._pipe = None
         self._build()
 
@@ -305,7 +308,31 @@ class DecodePipeline:
     def output(self) -> tuple[torch.Tensor, ...]:
         """The next batch's views, each [n, S, S, 3] and a tensor of its own: on the CPU, a view of memory
         DALI's dynamic executor does not reuse while it is referenced (tests/test_decode_failures.py checks it)."""
+        if self.torch_resize:
+            return self._resize_in_torch(self._pipe.outputs()[0])
         return tuple(to_torch(out.as_tensor(), self.device) for out in self._pipe.outputs())
+
+    def _resize_in_torch(self, decoded) -> tuple[torch.Tensor, ...]:
+        """DALI's decoded images (HWC, each its own size) → each branch's uint8 crops [n, S, S, 3], resized by
+        the torch back-end's code in `loader.threads` threads (torch releases the GIL while it resizes)."""
+        from pipeline.decode.torch import resize_and_crop
+
+        # A CHW view of HWC images has channels_last strides: torch's fast uint8 path, no copy.
+        if decoded.is_dense_tensor():  # all of one size (as tiny images often are): the batch in one call each
+            batch = torch.from_numpy(np.asarray(decoded.as_tensor())).permute(0, 3, 1, 2)
+            return tuple(resize_and_crop(batch, p).permute(0, 2, 3, 1) for p in self.preprocesses)
+        if self._resizers is None:
+            self._resizers = ThreadPoolExecutor(max(1, self.loader.threads), thread_name_prefix="shardscore-resize")
+        images = [torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1) for i in range(len(decoded))]
+        step = -(-len(images) // max(1, self.loader.threads))
+        parts = list(self._resizers.map(self._crops, [images[i: i + step] for i in range(0, len(images), step)]))
+        return tuple((torch.cat([part[b] for part in parts]) if len(parts) > 1 else parts[0][b]).permute(0, 2, 3, 1)
+                     for b in range(len(self.preprocesses)))
+
+    def _crops(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        from pipeline.decode.torch import resize_and_crop
+
+        return tuple(torch.stack([resize_and_crop(image, p) for image in images]) for p in self.preprocesses)
 
     def empty(self) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty((0, p.crop_size, p.crop_size, 3), dtype=self.dtype, device=self.device)
@@ -324,10 +351,14 @@ class DecodePipeline:
         """Free the pipeline's buffers and threads now (a DALI pipeline sits in reference cycles)."""
         shut_down(self._pipe)
         self._pipe = None
+        if self._resizers is not None:
+            self._resizers.shutdown()
+            self._resizers = None
 
     def _build(self) -> None:
         self.close()  # the old pipeline's buffers go before the new one allocates
-        self._pipe = _build_decode_pipeline(self.preprocesses, self.batch_size, self.device, self.dtype, self.loader)
+        self._pipe = _build_decode_pipeline([] if self.torch_resize else self.preprocesses, self.batch_size,
+                                            self.device, self.dtype, self.loader)
         for _ in range(self._pipe.prefetch_queue_depth):
             self._pipe.feed_input("encoded", _tiny_batch())
         self._pipe.schedule_run()
@@ -349,6 +380,17 @@ def _tiny_batch() -> list[np.ndarray]:
         Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="JPEG")
         _TINY.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
     return list(_TINY)
+
+
+def resizes_in_torch(setting: str, out_dtype: torch.dtype) -> bool:
+    """Where crops are resized: in DALI wherever DALI normalises (on CUDA, on the device, where resizing is
+    cheap next to decoding), else (the CPU) by the torch back-end's resize: here 3× faster than DALI's CPU
+    resize, which made each extra model's preprocessing cost more than the decode it saves, and the same
+    pixels as decoder=torch from the same decoded image (docs/BENCHMARKS.md). `loader.dali.resize`:
+    auto | dali | torch (dali: DALI's CPU resize, the graph the GPU runs)."""
+    if out_dtype != torch.uint8:
+        return False
+    return setting != "dali"
 
 
 def output_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -379,6 +421,8 @@ def _build_decode_pipeline(preprocesses: list[Preprocess], batch_size: int, devi
     def decode():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB, **gpu_options)
+        if not preprocesses:  # decoded images, each its own size: resized outside DALI
+            return images
         views = []
         for p in preprocesses:  # one decode, then a resize and crop (and normalisation) per branch
             crops = fn.resize_crop_mirror(images, resize_shorter=p.resize_size, crop=(p.crop_size, p.crop_size),

@@ -153,11 +153,12 @@ def decode_and_crop(data, preprocesses: list[Preprocess]) -> tuple[torch.Tensor,
 
 
 def resize_and_crop(image: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    """An image [3, H, W] (or a batch of same-size ones [n, 3, H, W]) resized and center-cropped: [..., 3, S, S]."""
     height, width = p.resized_shape(*image.shape[-2:])
     if (height, width) != tuple(image.shape[-2:]):
         image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
     top, left = p.crop_origin(height, width)
-    return image[:, top : top + p.crop_size, left : left + p.crop_size]
+    return image[..., top : top + p.crop_size, left : left + p.crop_size]
 
 
 def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
