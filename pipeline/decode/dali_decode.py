@@ -330,9 +330,17 @@ class DecodePipeline:
                      for b in range(len(self.preprocesses)))
 
     def _crops(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Per branch, the crops of `images` as [n, 3, S, S] with channels_last strides (NHWC in memory, as
+        DALI's own output and the batch tensor are)."""
         from pipeline.decode.torch import resize_and_crop
 
-        return tuple(torch.stack([resize_and_crop(image, p) for image in images]) for p in self.preprocesses)
+        views = []
+        for p in self.preprocesses:
+            crops = torch.empty((len(images), p.crop_size, p.crop_size, 3), dtype=torch.uint8)
+            for i, image in enumerate(images):
+                crops[i] = resize_and_crop(image, p).permute(1, 2, 0)
+            views.append(crops.permute(0, 3, 1, 2))
+        return tuple(views)
 
     def empty(self) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty((0, p.crop_size, p.crop_size, 3), dtype=self.dtype, device=self.device)

@@ -138,7 +138,9 @@ class ShardSamples(IterableDataset):
 
 
 def _stack(crops: list[tuple]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.stack(branch) for branch in zip(*crops))
+    """Per branch, [n, 3, S, S] with channels_last strides: the batch tensor's layout, laid out here in the
+    worker, so that normalising on the device is a plain cast and multiply-add."""
+    return tuple(torch.stack([c.permute(1, 2, 0) for c in branch]).permute(0, 3, 1, 2) for branch in zip(*crops))
 
 
 def decode_and_crop(data, preprocesses: list[Preprocess]) -> tuple[torch.Tensor, ...]:
