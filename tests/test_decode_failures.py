@@ -373,3 +373,48 @@ def test_stitched_pieces_land_where_their_rows_are(pieces, lengths):
                 assert torch.equal(got, torch.zeros_like(got))
             else:
                 assert torch.allclose(got, torch.full_like(got, (want - 127.5) / (255 * std))), row
+
+
+def test_batch_buffers_are_taken_again_only_once_nothing_refers_to_them():
+    from pipeline.decode.assemble import BatchBuffers
+
+    buffers = BatchBuffers((2, 3, 4, 4), torch.float32, torch.device("cpu"))
+    first, second = buffers.take(), buffers.take()
+    assert first is not second  # both held
+    view = first[:1]
+    del first
+    third = buffers.take()
+    assert third is not buffers._kept[0]  # a view of the first is alive
+    del view, third
+    assert buffers.take() is buffers._kept[0]  # nothing refers to it any more
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
+def test_a_model_whose_output_is_a_view_of_its_input_keeps_its_rows(shards, tmp_path, monkeypatch, decoder):
+    """Batch tensors are reused on the CPU: a model whose output is a view of its input (the scores then
+    wait, as that view, to be written after the next batch is scored) must still write each row's own
+    values. Many batches of 4 against one batch of 32."""
+    from dataclasses import replace
+
+    from hydra.utils import instantiate
+
+    from conftest import tiny_settings
+
+    (tmp_path / "viewnet.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+
+        class FirstRow(nn.Module):
+            def forward(self, x):
+                return x[:, 0, 0, :]  # a view of the input batch, [n, width]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ModelSettings(source="module", module={"_target_": "viewnet.FirstRow"}, resize_size=8, crop_size=8,
+                          mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    rows = {}
+    for batch_size in (4, 32):
+        out = tmp_path / str(batch_size)
+        settings = tiny_settings(shards, out, batch_size=batch_size, decoder=decoder, outputs=("scores",))
+        assert score(replace(settings, model=model), build=instantiate) == 0
+        rows[batch_size] = pq.read_table(out).sort_by("key").column("scores").to_pylist()
+    assert rows[4] == rows[32] and len(rows[4]) == 23 and len(set(map(tuple, rows[4]))) > 20

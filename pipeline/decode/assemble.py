@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,31 @@ class Preprocess:
         return (math.floor((height - self.crop_size) / 2 + 0.5), math.floor((width - self.crop_size) / 2 + 0.5))
 
 
+class BatchBuffers:
+    """Batch tensors of one shape, on the CPU taken again from the few kept once nothing refers to one any
+    more (no tensor, view or output of a model), else new. torch keeps no cache of host memory: a fresh
+    77 MB batch (128 × 224² float32) is ~19,000 page faults, 0.4 ms of kernel time per image here
+    (docs/BENCHMARKS.md). On CUDA, torch's caching allocator already does this."""
+
+    KEEP = 8  # more than can be in flight: the decode queue, the batch being scored and the one being written
+
+    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self._kept: list[torch.Tensor] = []
+        self._reuse = device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
+
+    def take(self) -> torch.Tensor:
+        for tensor in self._kept:
+            # Unused: referred to by the list, this loop and the call only, and its memory by this tensor
+            # (and the check's own storage object) only, so no view of it lives anywhere.
+            if sys.getrefcount(tensor) == 3 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) == 2:
+                return tensor
+        tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
+        if self._reuse and len(self._kept) < self.KEEP:
+            self._kept.append(tensor)
+        return tensor
+
+
 class Normalizer:
     """uint8 crops → the model's input: (x - mean) / std in the model dtype, written into a batch tensor
     of exactly `batch_size` rows (channels_last). Placeholder and padding rows are zeros. (`place` takes
@@ -56,12 +82,12 @@ class Normalizer:
         # cannot vectorise, over a [3·S] one it does (5× faster here, docs/BENCHMARKS.md).
         self._scale_row = self.scale.view(3).repeat(self.size)
         self._shift_row = self.shift.view(3).repeat(self.size)
+        self._buffers = BatchBuffers((batch_size, 3, self.size, self.size), dtype, device)
 
     def batch(self, crops: torch.Tensor, positions: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
         """A new batch tensor holding `crops` (uint8 [n, 3, S, S], any memory format, on the device) at
         `positions` (None: rows 0…n-1). `rows` is how many rows are real; the rest are zeros."""
-        images = torch.empty((self.batch_size, 3, self.size, self.size), dtype=self.dtype, device=self.device,
-                             memory_format=torch.channels_last)
+        images = self._buffers.take()
         n = crops.shape[0] if rows is None else rows
         if positions is None:
             self._normalize(crops, images[: crops.shape[0]])
@@ -98,14 +124,12 @@ class Normalizer:
         return batch
 
     def _normalize(self, crops: torch.Tensor, out: torch.Tensor) -> None:
-        """`out` (channels_last, the model's dtype) = (crops - mean) / std: the uint8 crops cast into float32
-        (in `out` itself when it is float32), then one multiply-add along each pixel row, in place."""
-        target = out if out.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
-        target.copy_(crops)
-        rows = target.permute(0, 2, 3, 1).view(-1, self.size * 3)  # channels_last: a view, never a copy
+        """`out` (channels_last, the model's dtype) = (crops - mean) / std: the uint8 crops cast into `out`
+        (exact: 0…255 are integers in bf16 and fp16 too), then one multiply-add along each pixel row, in
+        place, computed in float32 and rounded once, as before."""
+        out.copy_(crops)
+        rows = out.permute(0, 2, 3, 1).view(-1, self.size * 3)  # channels_last: a view, never a copy
         torch.addcmul(self._shift_row, rows, self._scale_row, out=rows)
-        if target is not out:
-            out.copy_(target)
 
 
 class BatchAssembler:

@@ -324,23 +324,17 @@ class DecodePipeline:
         if self._resizers is None:
             self._resizers = ThreadPoolExecutor(max(1, self.loader.threads), thread_name_prefix="shardscore-resize")
         images = [torch.from_numpy(np.asarray(decoded[i])).permute(2, 0, 1) for i in range(len(decoded))]
+        crops = tuple(torch.empty((len(images), p.crop_size, p.crop_size, 3), dtype=torch.uint8)
+                      for p in self.preprocesses)  # NHWC, as DALI's own output and the batch tensor
+
+        def fill(start: int) -> None:
+            for i in range(start, min(start + step, len(images))):
+                for p, out in zip(self.preprocesses, crops):
+                    out[i] = resize_and_crop(images[i], p).permute(1, 2, 0)
+
         step = -(-len(images) // max(1, self.loader.threads))
-        parts = list(self._resizers.map(self._crops, [images[i: i + step] for i in range(0, len(images), step)]))
-        return tuple((torch.cat([part[b] for part in parts]) if len(parts) > 1 else parts[0][b]).permute(0, 2, 3, 1)
-                     for b in range(len(self.preprocesses)))
-
-    def _crops(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Per branch, the crops of `images` as [n, 3, S, S] with channels_last strides (NHWC in memory, as
-        DALI's own output and the batch tensor are)."""
-        from pipeline.decode.torch import resize_and_crop
-
-        views = []
-        for p in self.preprocesses:
-            crops = torch.empty((len(images), p.crop_size, p.crop_size, 3), dtype=torch.uint8)
-            for i, image in enumerate(images):
-                crops[i] = resize_and_crop(image, p).permute(1, 2, 0)
-            views.append(crops.permute(0, 3, 1, 2))
-        return tuple(views)
+        list(self._resizers.map(fill, range(0, len(images), step)))  # (raises what a resize raised)
+        return crops
 
     def empty(self) -> tuple[torch.Tensor, ...]:
         return tuple(torch.empty((0, p.crop_size, p.crop_size, 3), dtype=self.dtype, device=self.device)
