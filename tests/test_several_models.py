@@ -252,7 +252,7 @@ def test_dalis_branches_resized_by_dali_and_by_torch_agree(same_size):
 
     from pipeline.decode.assemble import Preprocess
     from pipeline.decode.dali_decode import DecodePipeline
-    from pipeline.decode.torch import resize_and_crop
+    from pipeline.decode.assemble import resize_and_crop
     from pipeline.pack import encode_jpeg, synthetic_image
     from pipeline.settings import DaliSettings, LoaderSettings
 

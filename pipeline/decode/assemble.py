@@ -43,6 +43,20 @@ class Preprocess:
         return (math.floor((height - self.crop_size) / 2 + 0.5), math.floor((width - self.crop_size) / 2 + 0.5))
 
 
+def resize_and_crop(image: torch.Tensor, p: Preprocess) -> torch.Tensor:
+    """uint8 [3, H, W] (or a batch of same-size images [n, 3, H, W]) → its shorter side resized (antialiased,
+    torch's uint8 kernels: fastest on channels_last strides, e.g. a CHW view of HWC pixels) and the center
+    crop [..., 3, S, S]: what both back-ends do on the CPU."""
+    height, width = p.resized_shape(*image.shape[-2:])
+    if (height, width) != tuple(image.shape[-2:]):
+        batch = image if image.dim() == 4 else image.unsqueeze(0)
+        batch = torch.nn.functional.interpolate(batch, size=(height, width), mode=p.interpolation, antialias=True,
+                                                align_corners=False)
+        image = batch if image.dim() == 4 else batch[0]
+    top, left = p.crop_origin(height, width)
+    return image[..., top : top + p.crop_size, left : left + p.crop_size]
+
+
 class BatchBuffers:
     """Batch tensors of one shape, on the CPU taken again from the few kept once nothing refers to one any
     more (no tensor, view or output of a model), else new. torch keeps no cache of host memory: a fresh

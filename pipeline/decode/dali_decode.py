@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import device as dev
-from pipeline.decode.assemble import Normalizer, Preprocess
+from pipeline.decode.assemble import Normalizer, Preprocess, resize_and_crop
 from pipeline.decode.dali_read import shut_down
 from pipeline.decode.samples import one_line
 from pipeline.errors import OutOfMemoryAtOneRow
@@ -315,8 +315,6 @@ class DecodePipeline:
     def _resize_in_torch(self, decoded) -> tuple[torch.Tensor, ...]:
         """DALI's decoded images (HWC, each its own size) → each branch's uint8 crops [n, S, S, 3], resized by
         the torch back-end's code in `loader.threads` threads (torch releases the GIL while it resizes)."""
-        from pipeline.decode.torch import resize_and_crop
-
         # A CHW view of HWC images has channels_last strides: torch's fast uint8 path, no copy.
         if decoded.is_dense_tensor():  # all of one size (as tiny images often are): the batch in one call each
             batch = torch.from_numpy(np.asarray(decoded.as_tensor())).permute(0, 3, 1, 2)

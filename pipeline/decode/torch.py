@@ -18,12 +18,10 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 from webdataset.tariterators import tar_file_iterator
 
 from pipeline.batch import OK, Batch, Rows, ShardFailure
-from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess
+from pipeline.decode.assemble import BackgroundBatches, BatchAssembler, Normalizer, Preprocess, resize_and_crop
 from pipeline.decode.samples import SampleRules, add_kept, one_line, parse_label, sample_status
 from pipeline.layout import open_input
 from pipeline.shard_index import group_by_key, read_index
@@ -32,7 +30,6 @@ from pipeline.shards import Shard
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 256
-INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 class TorchDecoder:
@@ -150,17 +147,8 @@ def decode_and_crop(data, preprocesses: list[Preprocess]) -> tuple[torch.Tensor,
     # Orientation as cameras intend, as DALI's decoder applies it.
     image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-        image = F.to_dtype(image, torch.uint8, scale=True)
+        image = (image >> 8).to(torch.uint8)  # (what torchvision's to_dtype(…, scale=True) does)
     return tuple(resize_and_crop(image, p) for p in preprocesses)
-
-
-def resize_and_crop(image: torch.Tensor, p: Preprocess) -> torch.Tensor:
-    """An image [3, H, W] (or a batch of same-size ones [n, 3, H, W]) resized and center-cropped: [..., 3, S, S]."""
-    height, width = p.resized_shape(*image.shape[-2:])
-    if (height, width) != tuple(image.shape[-2:]):
-        image = F.resize(image, [height, width], interpolation=INTERP[p.interpolation], antialias=True)
-    top, left = p.crop_origin(height, width)
-    return image[..., top : top + p.crop_size, left : left + p.crop_size]
 
 
 def samples_of(shard: Shard) -> Iterator[tuple[str, dict]]:
