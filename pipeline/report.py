@@ -93,41 +93,59 @@ def shard_files(out_dir: str) -> list[str]:
                   if e.is_file() and e.name.endswith(".parquet") and not e.name.startswith(("_", ".")))
 
 
-def scan(files: list[str], bins: int) -> dict:
-    """Status counts per shard, top-1 class counts and histograms over every row, a batch at a time."""
+def scan(files: list[str], bins: int, models: list[str | None] = (None,)) -> dict:
+    """Status counts per shard, and per model (None: the one-model form's unprefixed columns) its top-1
+    class counts and histograms over every row, a batch at a time."""
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=["shard", "status"]))
     dataset = ds.dataset(files, format=fmt)
     names = set(dataset.schema.names)
     if not {"shard", "status"} <= names:
         raise UserError(f"{files[0]} has no shard and status columns: not an output of jobs.score")
-    class_column = next((c for c in ("topk_label", "topk_index") if c in names), None)
-    columns = ["shard", "status", *(c for c in (class_column, "topk_prob", "embedding", "score") if c in names)]
+    per_model = {model: _ModelScan(f"{model}_" if model else "", names, bins) for model in models}
+    columns = ["shard", "status", *(c for m in per_model.values() for c in m.columns)]
     by_shard: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    classes: collections.Counter = collections.Counter()
-    hists = {"top1_prob": Histogram(bins, 0.0, 1.0), "embedding_norm": Histogram(bins), "score": Histogram(bins)}
     rows = 0
-    width = dataset.schema.field("embedding").type.list_size if "embedding" in names else 0
+    width = sum(dataset.schema.field(m.embedding).type.list_size for m in per_model.values() if m.embedding)
     batch_rows = max(1024, min(1 << 17, (8 << 20) // max(1, width)))  # wide embeddings: ~32 MB of float32
     for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=4, fragment_readahead=2):
         rows += batch.num_rows
         _count_statuses(by_shard, batch.column("shard"), batch.column("status"))
-        if class_column == "topk_label":
-            values, starts = _first_elements(batch.column(class_column))
+        for m in per_model.values():
+            m.add(batch)
+    return {"rows": rows, "by_shard": by_shard, "models": {model: m.result() for model, m in per_model.items()}}
+
+
+class _ModelScan:
+    """One model's columns (`prefix` + topk_label | topk_index, topk_prob, embedding, score) over the batches."""
+
+    def __init__(self, prefix: str, names: set, bins: int):
+        self.class_column = next((prefix + c for c in ("topk_label", "topk_index") if prefix + c in names), None)
+        self.prob, self.embedding, self.score = (prefix + c if prefix + c in names else None
+                                                 for c in ("topk_prob", "embedding", "score"))
+        self.columns = [c for c in (self.class_column, self.prob, self.embedding, self.score) if c]
+        self.classes: collections.Counter = collections.Counter()
+        self.hists = {"top1_prob": Histogram(bins, 0.0, 1.0), "embedding_norm": Histogram(bins), "score": Histogram(bins)}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if self.class_column and self.class_column.endswith("topk_label"):
+            values, starts = _first_elements(batch.column(self.class_column))
             counts = pc.value_counts(values.take(pa.array(starts)))
-            classes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
-        elif class_column:
-            values, starts = _first_elements(batch.column(class_column))
+            self.classes.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+        elif self.class_column:
+            values, starts = _first_elements(batch.column(self.class_column))
             found, counts = np.unique(values.to_numpy()[starts], return_counts=True)
-            classes.update(dict(zip(found.tolist(), counts.tolist())))
-        if "topk_prob" in columns:
-            values, starts = _first_elements(batch.column("topk_prob"))
-            hists["top1_prob"].add(values.to_numpy()[starts])
-        if "embedding" in columns:
-            hists["embedding_norm"].add(_norms(batch.column("embedding")))
-        if "score" in columns:
-            hists["score"].add(batch.column("score").drop_null().to_numpy().astype(np.float32))
-    return {"rows": rows, "by_shard": by_shard, "classes": classes, "class_column": class_column,
-            **{name: h.result() for name, h in hists.items()}}
+            self.classes.update(dict(zip(found.tolist(), counts.tolist())))
+        if self.prob:
+            values, starts = _first_elements(batch.column(self.prob))
+            self.hists["top1_prob"].add(values.to_numpy()[starts])
+        if self.embedding:
+            self.hists["embedding_norm"].add(_norms(batch.column(self.embedding)))
+        if self.score:
+            self.hists["score"].add(batch.column(self.score).drop_null().to_numpy().astype(np.float32))
+
+    def result(self) -> dict:
+        return {"classes": self.classes, "class_column": self.class_column,
+                **{name: h.result() for name, h in self.hists.items()}}
 
 
 def _count_statuses(by_shard: dict, shard: pa.Array, status: pa.Array) -> None:
@@ -178,8 +196,21 @@ def run_identity(files: list[str], metrics: list[dict]) -> dict:
     """Model, precision, batch size and version from the newest shard file's metadata, else the metrics."""
     stored = json.loads((pq.read_schema(max(files, key=os.path.getmtime)).metadata or {}).get(META_KEY, b"{}"))
     latest = max(metrics, key=_updated) if metrics else {}
-    keys = ("model", "source", "weights", "precision", "batch_size", "outputs", "version")
+    keys = ("model", "source", "weights", "precision", "batch_size", "outputs", "version", "models")
     return {key: stored.get(key, latest.get(key)) for key in keys}
+
+
+def model_stats(metrics: list[dict]) -> list[dict]:
+    """Per model of a several-model run, over the ranks: its smallest micro-batch and its OOM events."""
+    stats: dict[str, dict] = {}
+    for m in metrics:
+        for name, s in (m.get("models") or {}).items():
+            seen = stats.setdefault(name, {"model": name, "min_micro_batch": s["min_micro_batch"], "oom_events": 0,
+                                           "ranks": 0, "written": s.get("written", True)})
+            seen["min_micro_batch"] = min(seen["min_micro_batch"], s["min_micro_batch"])
+            seen["oom_events"] += s["oom_events"]
+            seen["ranks"] += 1
+    return list(stats.values())
 
 
 def run_state(out_dir: str, metrics: list[dict], written: int) -> tuple[str, str]:
@@ -231,22 +262,27 @@ def write_report(settings: ReportSettings) -> dict:
     if not files:
         raise UserError(f"output.dir {out} holds no shard Parquet files (<shard>.parquet) yet")
     metrics = current_metrics(out)
-    found = scan(files, settings.bins)
+    identity = run_identity(files, metrics)
+    found = scan(files, settings.bins, list(identity.get("models") or [None]))
     state, detail = run_state(out, metrics, len(files))
     statuses = sum(found["by_shard"].values(), collections.Counter())
     errors = {s: sum(n for k, n in c.items() if k != "ok") for s, c in found["by_shard"].items()}
     worst = sorted(((s, n) for s, n in errors.items() if n), key=lambda x: (-x[1], x[0]))[:SHARDS_LISTED]
     result = {
         "output_dir": out, "html": os.path.join(out, REPORT_DIR, "index.html"), "screenshot": settings.screenshot,
-        "state": state, "state_detail": detail, "identity": run_identity(files, metrics),
+        "state": state, "state_detail": detail, "identity": identity,
         "rows": found["rows"], "shards": len(files),
         "status_counts": dict(sorted(statuses.items(), key=lambda x: (x[0] != "ok", -x[1], x[0]))),
         "shard_errors": [[s, n, {k: v for k, v in sorted(found["by_shard"][s].items()) if k != "ok"}] for s, n in worst],
-        "class_column": found["class_column"],
-        "top_classes": sorted(found["classes"].items(), key=lambda x: (-x[1], str(x[0])))[:settings.top_classes],
-        **{name: found[name] for name in ("top1_prob", "embedding_norm", "score")},
+        "models": [{"name": name, "class_column": m["class_column"],
+                    "top_classes": sorted(m["classes"].items(), key=lambda x: (-x[1], str(x[0])))[:settings.top_classes],
+                    **{key: m[key] for key in ("top1_prob", "embedding_norm", "score")}}
+                   for name, m in found["models"].items()],
+        "model_stats": model_stats(metrics),
         "ranks": rank_rates(metrics),
     }
+    if list(found["models"]) == [None]:  # the one-model form: its charts' figures at the top level too
+        result.update({k: v for k, v in result["models"][0].items() if k != "name"})
     os.makedirs(os.path.dirname(result["html"]), exist_ok=True)
     tmp = f"{result['html']}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -262,15 +298,19 @@ def format_summary(r: dict) -> str:
     ident = r["identity"]
     lines = [f"report   {r['html']}" + (f" (screenshot {r['screenshot']})" if r["screenshot"] else ""),
              f"run      {r['state_detail']}",
-             f"model    {ident['model']} ({ident['source']}, weights {ident['weights']}) {ident['precision']}, batch "
-             f"{ident['batch_size']}, outputs {'+'.join(ident['outputs'] or [])}, shardscore {ident['version']}",
+             (f"model    {ident['model']} ({ident['source']}, weights {ident['weights']}) {ident['precision']}, batch "
+              f"{ident['batch_size']}, outputs {'+'.join(ident['outputs'] or [])}, shardscore {ident['version']}"
+              if not ident.get("models") else
+              "models   " + ", ".join(f"{name} ({m['model']}, {'+'.join(m['outputs'])})" for name, m in ident["models"].items())
+              + f"; {ident['precision']}, batch {ident['batch_size']}, shardscore {ident['version']}"),
              f"rows     {r['rows']} in {r['shards']} shards: "
              + " ".join(f"{k}={v}" for k, v in r["status_counts"].items()),
              "errors   " + (" ".join(f"{s}={n}" for s, n, _ in r["shard_errors"]) + " (shards with most error rows)"
                             if r["shard_errors"] else "none")]
-    if r["top_classes"]:
-        lines.append(f"classes  {' '.join(f'{c}={n}' for c, n in r['top_classes'][:5])} (top-1 by "
-                     f"{r['class_column']}[0], {min(5, len(r['top_classes']))} of {len(r['top_classes'])} in the page)")
+    for m in r["models"]:
+        if m["top_classes"]:
+            lines.append(f"classes  {' '.join(f'{c}={n}' for c, n in m['top_classes'][:5])} (top-1 by "
+                         f"{m['class_column']}[0], {min(5, len(m['top_classes']))} of {len(m['top_classes'])} in the page)")
     lines.append("ranks    " + (", ".join(f"rank {s['rank']} {s['images_per_sec']:.1f} images/s "
                                           + ("(latest, running)" if s["running"] else "(sustained)")
                                           for s in r["ranks"]) or "no metrics yet"))

@@ -59,14 +59,36 @@ def _rates(ax, ranks: list) -> None:
         ax.legend(fontsize=8)
 
 
+def _model_sections(m: dict, ok_rows: int) -> list[tuple[str, str]]:
+    """One model's charts (its name before each title when the run has several)."""
+    name, p = (f"{m['name']}: ", f"{m['name']}_") if m["name"] else ("", "")
+    sections = []
+    if m["top_classes"]:
+        height = 1.2 + 0.22 * len(m["top_classes"])
+        sections.append((f"{name}Top predicted classes",
+                         _chart(lambda ax: _classes(ax, m["top_classes"], m["class_column"]),
+                                f"{sum(n for _, n in m['top_classes']):,} of {ok_rows:,} ok rows", max(height, 3.4))))
+    for key, title, xlabel in (("top1_prob", "Top-1 probability", f"{p}topk_prob[0]"),
+                               ("embedding_norm", "Embedding L2 norm", f"‖{p}embedding‖₂"), ("score", "Score", f"{p}score")):
+        if m[key]:
+            sections.append((name + title, _chart(lambda ax, k=key, x=xlabel: _histogram(ax, m[k], x),
+                                                  f"{m[key]['values']:,} ok rows")))
+    return sections
+
+
 def render_html(r: dict) -> str:
     """The page: who ran what and how far it got, two tables, then the charts in a grid."""
     e = html.escape
     ident = r["identity"]
-    fields = {"model": ident["model"], "source": ident["source"], "weights": ident["weights"],
-              "precision": ident["precision"], "batch size": ident["batch_size"],
-              "outputs": ", ".join(ident["outputs"] or []), "version": ident["version"],
-              "rows": f"{r['rows']:,}", "shards": r["shards"]}
+    if ident.get("models"):
+        fields = {"models": ", ".join(f"{name} ({m['model']})" for name, m in ident["models"].items()),
+                  "precision": ident["precision"], "batch size": ident["batch_size"], "version": ident["version"],
+                  "rows": f"{r['rows']:,}", "shards": r["shards"]}
+    else:
+        fields = {"model": ident["model"], "source": ident["source"], "weights": ident["weights"],
+                  "precision": ident["precision"], "batch size": ident["batch_size"],
+                  "outputs": ", ".join(ident["outputs"] or []), "version": ident["version"],
+                  "rows": f"{r['rows']:,}", "shards": r["shards"]}
     total = max(r["rows"], 1)
     status_rows = "".join(f"<tr><td>{e(k)}</td><td class=n>{v:,}</td><td class=n>{v / total:.2%}</td></tr>"
                           for k, v in r["status_counts"].items())
@@ -77,21 +99,19 @@ def render_html(r: dict) -> str:
                                    f"{status_rows}</table>"),
                 ("Shards with the most error rows", "<table><tr><th>shard</th><th class=n>errors</th><th>by kind</th>"
                                                     f"</tr>{error_rows}</table>")]
-    if r["top_classes"]:
-        height = 1.2 + 0.22 * len(r["top_classes"])
-        sections.append(("Top predicted classes", _chart(lambda ax: _classes(ax, r["top_classes"], r["class_column"]),
-                                                         f"{sum(n for _, n in r['top_classes']):,} of "
-                                                         f"{r['status_counts'].get('ok', 0):,} ok rows", max(height, 3.4))))
-    for key, title, xlabel in (("top1_prob", "Top-1 probability", "topk_prob[0]"),
-                               ("embedding_norm", "Embedding L2 norm", "‖embedding‖₂"), ("score", "Score", "score")):
-        if r[key]:
-            sections.append((title, _chart(lambda ax, k=key, x=xlabel: _histogram(ax, r[k], x),
-                                           f"{r[key]['values']:,} ok rows")))
+    if r["model_stats"]:
+        stat_rows = "".join(f"<tr><td>{e(s['model'])}</td><td class=n>{s['min_micro_batch']}</td>"
+                            f"<td class=n>{s['oom_events']}</td><td>{'written' if s['written'] else 'run for a head'}</td></tr>"
+                            for s in r["model_stats"])
+        sections.append(("Models", "<table><tr><th>model</th><th class=n>smallest micro-batch</th><th class=n>OOM events"
+                                   f"</th><th>this run</th></tr>{stat_rows}</table>"))
+    for m in r["models"]:
+        sections += _model_sections(m, r["status_counts"].get("ok", 0))
     sections.append(("Images/s per rank", _chart(lambda ax: _rates(ax, r["ranks"]), "between metrics refreshes")
                      if r["ranks"] else "<p>No rank metrics (<code>_metrics/rank-*.json</code>) yet.</p>"))
     state = r["state"].replace(" ", "-")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>shardscore report: {e(str(ident['model']))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>shardscore report: {e(str(ident['model'] or '+'.join(ident.get('models') or [])))}</title>
 <style>{CSS}</style></head><body>
 <h1>shardscore report</h1><p class=path>{e(os.path.abspath(r['output_dir']))}</p>
 <p><span class="state {state}">{e(r['state_detail'])}</span>

@@ -221,3 +221,20 @@ def test_memory_mode_reads_the_process_trees_memory(tmp_path, capsys):
     assert many["peak_rss_sum_mb"] > many["peak_main_rss_mb"]  # the job's decoder workers were seen too
     assert report["summary"]["torch"]["anon_growth"] == round(many["peak_anon_mb"] / few["peak_anon_mb"] - 1, 3)
     assert "anonymous memory" in r.stdout
+
+
+def test_models_mode_times_one_pass_against_three_runs(tmp_path, capsys):
+    """mode=models, one small round: every variant runs (three processes for three_runs), each run wrote
+    its rows, and the ratios are those of the rounds' figures."""
+    r = bench(tmp_path, capsys, "mode=models", f"bench.out_dir={tmp_path}", "bench.models.images=24",
+              "bench.models.shard_size=12", "bench.models.batch_size=8", "bench.models.rounds=1")
+    assert r.returncode == 0
+    report = json.loads((tmp_path / "models.json").read_text())
+    v = report["variants"]
+    assert set(v) == {"three_runs", "one_pass", "one_model", "embedder", "embedder_head"}
+    (three,), (one,) = v["three_runs"]["rounds"], v["one_pass"]["rounds"]
+    assert report["three_runs_over_one_pass"]["wall_seconds"] == round(three["wall_seconds"] / one["wall_seconds"], 3)
+    (embedder,), (head,) = v["embedder"]["rounds"], v["embedder_head"]["rounds"]
+    assert report["head_cost"]["job"] == round(head["job_seconds"] / embedder["job_seconds"], 3)
+    assert all(x["rounds"][0]["rows_per_sec"] > 0 for x in v.values())
+    assert "three runs / one pass" in r.stdout and report["preprocessings"][1] == [288, 256, "bicubic"]

@@ -279,3 +279,30 @@ def test_dalis_branches_resized_by_dali_and_by_torch_agree(same_size):
     own = resize_and_crop(torch.from_numpy(np.asarray(decoded[0])).permute(2, 0, 1).contiguous(), branches[1])
     assert torch.equal(views["torch"][1][0], own.permute(1, 2, 0))
     pipe.close()
+
+
+def test_the_report_draws_each_models_charts(data, head, tmp_path, capsys):
+    """jobs.report on a three-model output: per model its own charts (a's classes, top-1 probability and
+    embedding norms, b's none of those, the head's scores), the models' table, and a summary naming each."""
+    from pipeline.report import ReportSettings, write_report
+
+    out = tmp_path / "out"
+    assert score(settings_for(data, out, "torch", {"a": A, "b": B, "h": head}, oom=OomSettings(inject_above=4,
+                                                                                               inject_model="b"))) == 0
+    capsys.readouterr()
+    result = write_report(ReportSettings(output_dir=str(out)))
+    printed = capsys.readouterr().out
+    by_name = {m["name"]: m for m in result["models"]}
+    assert list(by_name) == ["a", "b", "h"]
+    assert by_name["a"]["class_column"] == "a_topk_index" and by_name["a"]["top1_prob"]["values"] == 18
+    assert by_name["a"]["embedding_norm"]["values"] == 18 and by_name["a"]["score"] is None
+    assert by_name["b"]["top1_prob"] is None and by_name["b"]["embedding_norm"] is None  # b writes a scores list
+    assert by_name["h"]["score"]["values"] == 18 and not by_name["h"]["top_classes"]
+    stats = {s["model"]: s for s in result["model_stats"]}
+    assert stats["b"]["oom_events"] >= 1 and stats["b"]["min_micro_batch"] == 4 and stats["a"]["oom_events"] == 0
+    page = (out / "_report" / "index.html").read_text()
+    for title in ("a: Top predicted classes", "a: Top-1 probability", "a: Embedding L2 norm", "h: Score", "Models"):
+        assert f"<h2>{title}</h2>" in page, title
+    assert "<h2>b: " not in page
+    assert "models   a (resnet18, topk(5)+embedding), b (mobilenet_v3_small, scores(softmax)), h (head(16x1), " \
+           "scores(none)); fp32, batch 8" in printed

@@ -27,6 +27,7 @@ from pipeline.pack import encode_jpeg, synthetic_image, write_shards
 # (resize, crop, interpolation) of the three models: as a ResNet, a 256-px EfficientNet-style and a CLIP-style model
 PREPROCESSINGS = ((256, 224, "bilinear"), (288, 256, "bicubic"), (224, 224, "bicubic"))
 HEAD_LAYERS = "[1024,128,64,16,1]"
+PHOTO_QUALITY = 90  # ~50 KB at 300-640 px, as web images are
 
 
 class SampledFreeModel(torch.nn.Module):
@@ -53,7 +54,7 @@ def run_models(settings, bench) -> dict:
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     classifier = free_model(os.path.join(root, "free-model.pt"), 1000)
     embedder = free_model(os.path.join(root, "free-embedder.pt"), EMBEDDING_WIDTH)
-    shards = photo_shards(os.path.join(root, f"photos-{o.images}"), o.images, o.shard_size)
+    shards = photo_shards(os.path.join(root, f"photos-{o.images}-q{PHOTO_QUALITY}"), o.images, o.shard_size)
     runner = JobRunner(root, classifier, embedder, o, settings)
     runner.clean()
     variants = variant_args(classifier, embedder, o)
@@ -107,6 +108,8 @@ def runner_run(runner: JobRunner, shards: str, args: list[str], name: str) -> di
                             "precision=fp32", "device=cpu", f"decoder={o.decoder}", "progress=false", *runner.loader,
                             *args, *o.extra], name)
     m = read_rank_metrics(out)
+    if m["images"] != o.images:
+        raise RuntimeError(f"{name} scored {m['images']} images, not {o.images}")
     split = m.get("time_split_seconds") or {}
     return {"wall_seconds": wall, "job_seconds": m["job_seconds"], "rows_per_sec": m["sustained_images_per_sec"],
             "input_wait_share": round(split.get("input", 0) / max(m["seconds"], 1e-9), 3), "peak_rss_mb": round(rss)}
@@ -118,7 +121,7 @@ def photo_shards(folder: str, images: int, shard_size: int) -> str:
     if os.path.exists(done):
         return folder
     rng = np.random.default_rng(0)
-    pool = [encode_jpeg(synthetic_image(rng, 300, 640), quality=95) for _ in range(min(512, images))]
+    pool = [encode_jpeg(synthetic_image(rng, 300, 640), quality=PHOTO_QUALITY) for _ in range(min(512, images))]
     write_shards(((f"{i:08d}", {"jpg": pool[i % len(pool)]}) for i in range(images)), folder, shard_size, "photo")
     open(done, "w").close()
     return folder

@@ -330,7 +330,7 @@ class DecodePipeline:
                 for p, out in zip(self.preprocesses, crops):
                     out[i] = resize_and_crop(images[i], p).permute(1, 2, 0)
 
-        step = -(-len(images) // max(1, self.loader.threads))
+        step = 8  # images a task: small enough that the threads finish a batch together
         list(self._resizers.map(fill, range(0, len(images), step)))  # (raises what a resize raised)
         return crops
 
