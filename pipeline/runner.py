@@ -9,7 +9,6 @@ completion record; whichever rank finds every rank complete writes `_SUCCESS`.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import os
 import signal

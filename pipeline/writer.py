@@ -80,11 +80,14 @@ def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) 
 
 
 def kept_and_dropped(stored: dict, identity: dict) -> tuple[set[str], list[str]]:
-    """For a file of several models: (the run's models it holds under the same identity, so their columns
-    can be kept; the models it holds that the run does not have)."""
+    """(the run's models a file holds under the same identity, so their columns can be kept; the models it
+    holds that the run does not have). Between a one-model file and a run of several, or the reverse, every
+    model of the file is one the run does not have."""
     mine, theirs = identity.get("models") or {}, stored.get("models") or {}
-    if not mine or not theirs:
+    if not mine and not theirs:  # both of the one-model form: a file of another model is redone, as ever
         return set(), []
+    if not mine or not theirs:
+        return set(), sorted(theirs) if theirs else [str(stored.get("model"))]
     kept = {name for name, ident in mine.items() if theirs.get(name) == ident}
     return kept, sorted(set(theirs) - set(mine))
 
@@ -270,8 +273,8 @@ class ShardWriter:
         """The new rows with the columns not computed now taken from the shard's file, in the run's schema."""
         old = self.layout.read_table(f"{shard}.parquet", ["key", "status", *self._from_file])
         if not (old.column("key").equals(table.column("key")) and old.column("status").equals(table.column("status"))):
-            raise CannotMerge(f"its existing file's keys or statuses differ from the shard's rows now, so its other "
-                              f"models' columns cannot be kept: rerun with output.overwrite=true")
+            raise CannotMerge("its existing file's keys or statuses differ from the shard's rows now, so its other "
+                              "models' columns cannot be kept: rerun with output.overwrite=true")
         columns = [table.column(f.name) if f.name in table.schema.names else old.column(f.name) for f in self.schema]
         return pa.table(columns, schema=self.schema)
 

@@ -169,3 +169,22 @@ def test_8_no_recompiles_at_the_chosen_batch_size(shard, tmp_path):
     assert score(settings(shard, tmp_path, "cuda", model=model, batch_size="auto",
                           auto=AutoBatchSettings(max_batch_size=16, repeats=1))) == 0
     assert counters["stats"]["unique_graphs"] == 1 and sum(counters["recompiles"].values()) == 0
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_9_several_models_from_one_mixed_decode(shard, checkpoint, tmp_path, precision):
+    """Two backbones on two preprocessings (two resize branches of one nvJPEG decode, on the device) and a
+    head on the first's embedding: each backbone's columns match its one-model run on CUDA (top-k
+    identical), and the head's score is a real number for every row."""
+    from dataclasses import replace
+
+    a = replace(checkpoint, outputs=("topk", "embedding"))
+    b = replace(checkpoint, resize_size=40, crop_size=32, interpolation="bicubic", outputs=("topk",))
+    head = ModelSettings(source="head", input="a.embedding", normalize_input=True, layers=(16, 1))
+    assert score(replace(settings(shard, tmp_path / "three", "cuda", precision), models={"a": a, "b": b, "h": head})) == 0
+    assert score(settings(shard, tmp_path / "b", "cuda", precision, model=b)) == 0
+    three = pq.read_table(tmp_path / "three").sort_by("key")
+    alone = pq.read_table(tmp_path / "b").sort_by("key")
+    assert three.column("b_topk_index").to_pylist() == alone.column("topk_index").to_pylist()
+    assert three.column("h_score").null_count == 0 and np.isfinite(three.column("h_score").to_numpy()).all()
+    assert sorted(metrics(tmp_path / "three")["models"]) == ["a", "b", "h"]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import run_cli, small_jpegs, tiny_settings
+from conftest import run_cli, small_jpegs, tiny_settings, verify_output
 from pipeline.errors import UserError
 from pipeline.pack import write_shards
 from pipeline.runner import score
@@ -141,7 +141,7 @@ def test_a_model_added_later_runs_alone_and_keeps_the_others(data, tmp_path, mon
                       f"'{out}/*.parquet'").fetchall() == [(19, 19, 18, 18)]
     assert pd.read_parquet(out)["d_scores"].notna().sum() == 18
     assert pl.scan_parquet(f"{out}/*.parquet").select(pl.col("h_score").count()).collect().item() == 18
-    assert (out / "_SUCCESS").exists()
+    assert (out / "_SUCCESS").exists() and verify_output(data, out)[0]  # one run identity, every key once
     # A model the files hold and the run does not: a user error before any image is read, unless overwrite.
     counted.calls.clear()
     with pytest.raises(UserError, match="holds model\\(s\\) d that this run does not have"):
@@ -149,6 +149,9 @@ def test_a_model_added_later_runs_alone_and_keeps_the_others(data, tmp_path, mon
     assert counted.calls == {"a": [1], "b": [1]}
     assert score(settings_for(data, out, "dali", three, overwrite=True), build=instantiate) == 0
     assert "d_scores" not in table(out)
+    # The one-model form over it drops every model: the same rule.
+    with pytest.raises(UserError, match="holds model\\(s\\) a, b, h that this run does not have"):
+        score(settings_for(data, out, "dali", model=backbone("a")), build=instantiate)
 
 
 def test_an_oom_in_one_model_costs_no_row_of_any_model(data, head, tmp_path):

@@ -147,7 +147,7 @@ def decode_and_crop(data, preprocesses: list[Preprocess]) -> tuple[torch.Tensor,
     # Orientation as cameras intend, as DALI's decoder applies it.
     image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
-        image = (image >> 8).to(torch.uint8)  # (what torchvision's to_dtype(…, scale=True) does)
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)  # as torchvision's to_dtype(…, scale=True)
     return tuple(resize_and_crop(image, p) for p in preprocesses)
 
 
