@@ -159,8 +159,8 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
              dev.describe(device), precision)
     batch_size, auto_table = settings.batch_size, None
     if batch_size == "auto":  # the decode batch every model fits (a model's own batch_size caps its chunks)
-        chosen = [choose_batch_size(m.loaded.module, m.loaded.preprocess.crop_size, dtype, device, settings)
-                  for m in models if m.branch is not None]
+        chosen = [choose_batch_size(m.loaded.module, m.loaded.preprocess.crop_size, dtype, device,
+                                    _injected_into(settings, m.name)) for m in models if m.branch is not None]
         batch_size, auto_table = min(chosen, key=lambda c: c[0])
     metadata = {**run_metadata(models, precision), "batch_size": batch_size, "version": __version__,
                 "config": resolved_config or {}}
@@ -168,6 +168,14 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
                         tuple(c.lower() for c in out.keep_components))
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
                 models, preprocessings(models), batch_size, auto_table, metadata, rules, started, build)
+
+
+def _injected_into(settings: ScoreSettings, model: str | None) -> ScoreSettings:
+    """The settings a model's batch-size sweep runs with: `oom.inject_model` names the one model that gets
+    the injected out-of-memory errors."""
+    if settings.oom.inject_model in (None, model):
+        return settings
+    return replace(settings, oom=replace(settings.oom, inject_above=None))
 
 
 def run_metadata(models: list[PlannedModel], precision: str) -> dict:

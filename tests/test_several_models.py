@@ -309,3 +309,21 @@ def test_the_report_draws_each_models_charts(data, head, tmp_path, capsys):
     assert "<h2>b: " not in page
     assert "models   a (resnet18, topk(5)+embedding), b (mobilenet_v3_small, scores(softmax)), h (head(16x1), " \
            "scores(none)); fp32, batch 8" in printed
+
+
+def test_batch_size_auto_picks_the_decode_batch_every_model_fits(data, tmp_path, capsys):
+    """batch_size=auto with several models: each backbone's sweep, the smallest choice; b runs out of
+    memory above 16 rows (injected into b alone), so the decode batch is at most 16 while a alone would
+    take more; a's own batch_size caps its chunks at 4."""
+    from pipeline.settings import AutoBatchSettings
+
+    models = {"a": replace(A, batch_size=4), "b": B}
+    settings = settings_for(data, tmp_path, "torch", models, auto=AutoBatchSettings(max_batch_size=64, repeats=1),
+                            oom=OomSettings(inject_above=16, inject_model="b"))
+    assert score(replace(settings, batch_size="auto")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("batch_size=auto on cpu") == 2  # one sweep per backbone
+    metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
+    assert metrics["batch_size"] <= 16 and [p["batch"] for p in metrics["auto_batch_table"]][-1] == 32  # b's sweep
+    assert metrics["models"]["a"]["micro_batch"] == 4 and metrics["models"]["a"]["oom_events"] == 0
+    assert len(table(tmp_path)["key"]) == 19
