@@ -54,7 +54,9 @@ def model_identities(models: list[PlannedModel], precision: str) -> dict:
     for m in models:
         pre = m.loaded.preprocess
         read = {"input": m.settings.input, "normalized": m.settings.normalize_input,
-                "of": identities.get(m.settings.input_model)} if pre is None else dataclasses.asdict(pre)
+                "layers": m.settings.layers, "hidden_activation": m.settings.hidden_activation,
+                "module": m.settings.module, "of": identities.get(m.settings.input_model)} \
+            if pre is None else dataclasses.asdict(pre)
         identities[m.name] = {"model": m.settings.label, "source": m.settings.source_label,
                               "weights": m.loaded.source, "precision": precision,
                               "outputs": [kind.identity for kind in m.outputs], "preprocess": read}
@@ -72,7 +74,8 @@ def load_models(settings: ScoreSettings, device: torch.device, dtype: torch.dtyp
         check_names(kinds)
         source = planned.get(m.input_model) if m.is_head else None
         head_input = _head_input(source, m, device, dtype) if source else None
-        loaded = load_model(m, device, dtype, settings.seed, "embedding" in kinds, build,
+        read = any(h.is_head and h.input == f"{name}.embedding" for _, h in settings.named_models)  # by a head
+        loaded = load_model(m, device, dtype, settings.seed, "embedding" in kinds or read, build,
                             in_features=head_input.shape[1] if head_input is not None else None)
         if source is None:
             probe = probe_outputs(loaded.module, loaded.preprocess.crop_size, device, dtype)

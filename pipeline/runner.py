@@ -158,9 +158,11 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     log.info("rank=%d/%d shards=%d of %d device=%s precision=%s", rank, world_size, len(shards), len(all_paths),
              dev.describe(device), precision)
     batch_size, auto_table = settings.batch_size, None
-    if batch_size == "auto":  # the decode batch every model fits (a model's own batch_size caps its chunks)
+    if batch_size == "auto":  # the decode batch every backbone fits; one with its own batch_size fits by its chunks
+        swept = [m for m in models if m.branch is not None and m.settings.batch_size is None] or \
+            [m for m in models if m.branch is not None]
         chosen = [choose_batch_size(m.loaded.module, m.loaded.preprocess.crop_size, dtype, device,
-                                    _injected_into(settings, m.name)) for m in models if m.branch is not None]
+                                    _injected_into(settings, m.name)) for m in swept]
         batch_size, auto_table = min(chosen, key=lambda c: c[0])
     metadata = {**run_metadata(models, precision), "batch_size": batch_size, "version": __version__,
                 "config": resolved_config or {}}

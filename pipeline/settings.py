@@ -79,6 +79,8 @@ class ModelSettings:
                    f"a head needs input: <model>.embedding or <model>.scores, got {self.input!r}")
             _check((self.layers is None) != (self.module is None),
                    "a head needs exactly one of layers: [..] (Linear widths) and module: {_target_: ...}")
+            _check(self.module is None or isinstance(self.module.get("_target_"), str),
+                   "a head's module needs a _target_ (e.g. {_target_: mypkg.MyHead, width: 8})")
             _check(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 1),
                    "a head's layers must be positive widths, e.g. [1024, 128, 64, 16, 1]")
         else:

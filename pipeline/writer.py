@@ -271,12 +271,18 @@ class ShardWriter:
 
     def _with_file_columns(self, shard: str, table: pa.Table) -> pa.Table:
         """The new rows with the columns not computed now taken from the shard's file, in the run's schema."""
-        old = self.layout.read_table(f"{shard}.parquet", ["key", "status", *self._from_file])
-        if not (old.column("key").equals(table.column("key")) and old.column("status").equals(table.column("status"))):
-            raise CannotMerge("its existing file's keys or statuses differ from the shard's rows now, so its other "
-                              "models' columns cannot be kept: rerun with output.overwrite=true")
-        columns = [table.column(f.name) if f.name in table.schema.names else old.column(f.name) for f in self.schema]
-        return pa.table(columns, schema=self.schema)
+        try:
+            old = self.layout.read_table(f"{shard}.parquet", ["key", "status", *self._from_file])
+            lined_up = old.column("key").equals(table.column("key")) and old.column("status").equals(table.column("status"))
+            if lined_up:
+                columns = [table.column(f.name) if f.name in table.schema.names else old.column(f.name)
+                           for f in self.schema]
+                return pa.table(columns, schema=self.schema)
+        except (KeyError, pa.ArrowException) as e:  # a column missing or of another type in the old file
+            raise CannotMerge(f"its existing file's columns cannot be kept ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]}): rerun with output.overwrite=true") from None
+        raise CannotMerge("its existing file's keys or statuses differ from the shard's rows now, so its other "
+                          "models' columns cannot be kept: rerun with output.overwrite=true")
 
     def _table(self, rows: Rows, values: dict[str, np.ndarray]) -> pa.Table:
         valid = np.array([s == OK for s in rows.status], dtype=bool)

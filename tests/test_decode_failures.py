@@ -380,13 +380,15 @@ def test_batch_buffers_are_taken_again_only_once_nothing_refers_to_them():
 
     buffers = BatchBuffers((2, 3, 4, 4), torch.float32, torch.device("cpu"))
     first, second = buffers.take(), buffers.take()
-    assert first is not second  # both held
+    assert first.data_ptr() != second.data_ptr()  # both held
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    kept = first.data_ptr()
     view = first[:1]
     del first
     third = buffers.take()
-    assert third is not buffers._kept[0]  # a view of the first is alive
+    assert third.data_ptr() not in (kept, second.data_ptr())  # a view of the first is alive
     del view, third
-    assert buffers.take() is buffers._kept[0]  # nothing refers to it any more
+    assert buffers.take().data_ptr() == kept  # nothing refers to it any more
 
 
 @pytest.mark.parametrize("decoder", ["dali", "torch"])

@@ -182,9 +182,10 @@ def test_9_several_models_from_one_mixed_decode(shard, checkpoint, tmp_path, pre
     b = replace(checkpoint, resize_size=40, crop_size=32, interpolation="bicubic", outputs=("topk",))
     head = ModelSettings(source="head", input="a.embedding", normalize_input=True, layers=(16, 1))
     assert score(replace(settings(shard, tmp_path / "three", "cuda", precision), models={"a": a, "b": b, "h": head})) == 0
-    assert score(settings(shard, tmp_path / "b", "cuda", precision, model=b)) == 0
     three = pq.read_table(tmp_path / "three").sort_by("key")
-    alone = pq.read_table(tmp_path / "b").sort_by("key")
-    assert three.column("b_topk_index").to_pylist() == alone.column("topk_index").to_pylist()
+    for name, model in (("a", a), ("b", b)):
+        assert score(settings(shard, tmp_path / name, "cuda", precision, model=model)) == 0
+        alone = pq.read_table(tmp_path / name).sort_by("key")
+        assert three.column(f"{name}_topk_index").to_pylist() == alone.column("topk_index").to_pylist()
     assert three.column("h_score").null_count == 0 and np.isfinite(three.column("h_score").to_numpy()).all()
     assert sorted(metrics(tmp_path / "three")["models"]) == ["a", "b", "h"]

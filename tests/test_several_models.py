@@ -181,6 +181,8 @@ def test_the_config_of_several_models_is_checked_before_any_work():
         "exactly one of layers": {"a": {"source": "timm", "name": "resnet18"}, "h": {"source": "head",
                                                                                    "input": "a.embedding"}},
         "prefixes its columns": {"Clip-1": {"source": "timm", "name": "resnet18"}},
+        "a head's module needs a _target_": {"a": {"source": "timm", "name": "resnet18"},
+                                             "h": {"source": "head", "input": "a.embedding", "module": {"width": 3}}},
         "models.a.crop_size must be > 0": {"a": {"source": "timm", "name": "resnet18", "crop_size": 0}},
         "unknown config key 'models.a.nme'": {"a": {"source": "timm", "nme": "resnet18"}},
     }
@@ -250,7 +252,8 @@ def test_the_documented_conversion_of_laions_aesthetic_predictor_loads_as_a_head
 def test_dalis_branches_resized_by_dali_and_by_torch_agree(same_size):
     """One decode, two branches, as the GPU's graph resizes them (DALI's resize, here on the CPU) and as the
     CPU path does (torch's resize of DALI's decoded images: one call per batch when all are one size):
-    the same crops to within interpolation rounding, and torch's equal the torch decoder's own."""
+    the same crops to within interpolation rounding, and the CPU path's crop is exactly resize_and_crop
+    (the torch decoder's resize) of DALI's decoded image."""
     from PIL import Image
 
     from pipeline.decode.assemble import Preprocess
@@ -312,18 +315,50 @@ def test_the_report_draws_each_models_charts(data, head, tmp_path, capsys):
 
 
 def test_batch_size_auto_picks_the_decode_batch_every_model_fits(data, tmp_path, capsys):
-    """batch_size=auto with several models: each backbone's sweep, the smallest choice; b runs out of
-    memory above 16 rows (injected into b alone), so the decode batch is at most 16 while a alone would
-    take more; a's own batch_size caps its chunks at 4."""
+    """batch_size=auto with several models: a sweep per backbone without its own batch_size, the smallest
+    choice. b runs out of memory above 16 rows (injected into b alone), so the decode batch is at most 16;
+    a, whose own batch_size caps its chunks at 4, is not swept and runs at 4."""
     from pipeline.settings import AutoBatchSettings
 
-    models = {"a": replace(A, batch_size=4), "b": B}
+    models = {"a": replace(A, batch_size=4), "b": B, "c": replace(A, resize_size=36)}  # c: swept, no OOM
     settings = settings_for(data, tmp_path, "torch", models, auto=AutoBatchSettings(max_batch_size=64, repeats=1),
                             oom=OomSettings(inject_above=16, inject_model="b"))
     assert score(replace(settings, batch_size="auto")) == 0
     printed = capsys.readouterr().out
-    assert printed.count("batch_size=auto on cpu") == 2  # one sweep per backbone
+    assert printed.count("batch_size=auto on cpu") == 2  # b's and c's: a fits by its own chunks
     metrics = json.loads((tmp_path / "_metrics" / "rank-00000.json").read_text())
     assert metrics["batch_size"] <= 16 and [p["batch"] for p in metrics["auto_batch_table"]][-1] == 32  # b's sweep
     assert metrics["models"]["a"]["micro_batch"] == 4 and metrics["models"]["a"]["oom_events"] == 0
     assert len(table(tmp_path)["key"]) == 19
+
+
+def test_a_head_reads_the_embedding_of_a_backbone_that_writes_only_its_classes(data, head, tmp_path):
+    """The head makes its input model give its embedding, though that model writes top-k only."""
+    assert score(settings_for(data, tmp_path, "torch", {"a": replace(A, outputs=("topk",)), "h": head})) == 0
+    t = table(tmp_path)
+    assert "a_embedding" not in t and sum(v is not None for v in t["h_score"]) == 18
+
+
+def test_the_cpu_paths_crops_without_a_resize_stay_valid_while_held():
+    """Same-size images needing no resize come back as views of DALI's memory (no copy): held outputs
+    must not change when DALI runs again."""
+    from PIL import Image
+
+    from pipeline.decode.assemble import Preprocess
+    from pipeline.decode.dali_decode import DecodePipeline
+    from pipeline.pack import encode_jpeg, synthetic_image
+    from pipeline.settings import LoaderSettings
+
+    rng = np.random.default_rng(3)
+    pipe = DecodePipeline([Preprocess(32, 32, (0.5,) * 3, (0.5,) * 3, "bilinear")], 8, torch.device("cpu"),
+                          torch.uint8, LoaderSettings(threads=2))
+    held = []
+    for _ in range(4):
+        batch = [np.frombuffer(encode_jpeg(Image.fromarray(np.asarray(synthetic_image(rng, 32, 32)))), np.uint8)
+                 for _ in range(8)]
+        pipe.feed(batch)
+        (view,) = pipe.output()
+        held.append((view, view.clone()))
+    assert all(torch.equal(view, copy) for view, copy in held)
+    assert not torch.equal(held[0][1], held[1][1])
+    pipe.close()

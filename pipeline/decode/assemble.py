@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import math
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -71,15 +70,17 @@ class BatchBuffers:
         self._reuse = device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count")
 
     def take(self) -> torch.Tensor:
-        for tensor in self._kept:
-            # Unused: referred to by the list, this loop and the call only, and its memory by this tensor
-            # (and the check's own storage object) only, so no view of it lives anywhere.
-            if sys.getrefcount(tensor) == 3 and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) == 2:
-                return tensor
+        """A batch tensor: an alias of a kept one that nothing else uses, else a new one. Users only ever
+        hold aliases (and views of them), each of which counts as a user of the kept tensor's memory."""
+        for kept in self._kept:
+            # Its memory used by the kept tensor and the check's own storage object only: no alias or view lives.
+            if torch._C._storage_Use_Count(kept.untyped_storage()._cdata) == 2:
+                return kept.detach()
         tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
-        if self._reuse and len(self._kept) < self.KEEP:
-            self._kept.append(tensor)
-        return tensor
+        if not self._reuse or len(self._kept) >= self.KEEP:
+            return tensor
+        self._kept.append(tensor)
+        return tensor.detach()
 
 
 class Normalizer:
