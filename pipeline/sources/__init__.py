@@ -91,3 +91,20 @@ def missing_weights(what: str, download: str, error: BaseException) -> UserError
 
 
 Builder = Callable[[dict], nn.Module]  # builds model.module's {_target_: …} (jobs/ passes Hydra's instantiate)
+
+
+def build_module(spec: dict, build: Builder | None, what: str) -> nn.Module:
+    """`spec` ({_target_: …, **arguments}) built by the job's `build`; what goes wrong is the user's to fix,
+    said in one line naming `what` (model.module, the head's module)."""
+    target = spec["_target_"]
+    if build is None:
+        raise UserError(f"{what} is built by the job: run it with python -m jobs.score")
+    try:
+        net = build(spec)
+    except Exception as e:  # an import error, a wrong argument
+        cause = e.__cause__ or e
+        raise UserError(f"cannot build {what} {target}: {type(cause).__name__}: "
+                        f"{' '.join(str(cause).split())[:200]}") from None
+    if not isinstance(net, nn.Module):
+        raise UserError(f"{what} {target} built a {type(net).__name__}, not a torch.nn.Module")
+    return net

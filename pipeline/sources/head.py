@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.sources import Loaded, SameOutput, final_weights
+from pipeline.sources import Loaded, SameOutput, build_module, final_weights
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -33,17 +33,6 @@ def load_head(settings, in_features: int, build=None) -> Loaded:
     if settings.layers is not None:
         net, what = mlp(in_features, settings.layers, settings.hidden_activation), settings.label
     else:
-        if build is None:
-            raise UserError("a head's module is built by the job: run it with python -m jobs.score")
-        try:
-            net = build(settings.module)
-        except Exception as e:  # an import error, a wrong argument: the user's to fix
-            cause = e.__cause__ or e
-            raise UserError(f"cannot build the head's module {settings.module['_target_']}: {type(cause).__name__}: "
-                            f"{' '.join(str(cause).split())[:200]}") from None
-        if not isinstance(net, nn.Module):
-            raise UserError(f"the head's module {settings.module['_target_']} built a {type(net).__name__}, "
-                            "not a torch.nn.Module")
-        what = settings.module["_target_"]
+        net, what = build_module(settings.module, build, "the head's module"), settings.module["_target_"]
     weights = final_weights(net, settings, what, None)
     return Loaded(SameOutput(net), {}, None, weights)
