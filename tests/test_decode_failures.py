@@ -391,6 +391,23 @@ def test_batch_buffers_are_taken_again_only_once_nothing_refers_to_them():
     assert buffers.take().data_ptr() == kept  # nothing refers to it any more
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_one_images_crop_comes_out_channels_last_with_the_batchs_pixels(interpolation):
+    """An HWC image's CHW view (what both decoders hand over) resizes to a channels_last crop, as a batch of
+    such images does, with the same pixels: a planar crop would cost a transposing copy per image and
+    branch (half the resize's time, docs/BENCHMARKS.md)."""
+    from pipeline.decode.assemble import resize_and_crop
+
+    hwc = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (35, 47, 3), dtype=np.uint8))
+    p = Preprocess(24, 20, (0.5,) * 3, (0.5,) * 3, interpolation)
+    one = resize_and_crop(hwc.permute(2, 0, 1), p)
+    batch = resize_and_crop(hwc[None].permute(0, 3, 1, 2), p)
+    assert one.shape == (3, 20, 20) and one.stride()[0] == 1  # channels innermost
+    assert torch.equal(one, batch[0])
+    planar = resize_and_crop(hwc.permute(2, 0, 1).contiguous(), p)
+    assert torch.equal(planar, one)
+
+
 @pytest.mark.parametrize("decoder", ["dali", "torch"])
 def test_a_model_whose_output_is_a_view_of_its_input_keeps_its_rows(shards, tmp_path, monkeypatch, decoder):
     """Batch tensors are reused on the CPU: a model whose output is a view of its input (the scores then

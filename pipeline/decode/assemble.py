@@ -48,7 +48,9 @@ def resize_and_crop(image: torch.Tensor, p: Preprocess) -> torch.Tensor:
     crop [..., 3, S, S]: what both back-ends do on the CPU."""
     height, width = p.resized_shape(*image.shape[-2:])
     if (height, width) != tuple(image.shape[-2:]):
-        batch = image if image.dim() == 4 else image.unsqueeze(0)
+        # One image as a batch of one whose strides still read as channels_last (`unsqueeze(0)`'s do not):
+        # torch then writes the output channels_last too, not planar, 2× faster with the copy that follows.
+        batch = image if image.dim() == 4 else image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
         batch = torch.nn.functional.interpolate(batch, size=(height, width), mode=p.interpolation, antialias=True,
                                                 align_corners=False)
         image = batch if image.dim() == 4 else batch[0]
