@@ -7,8 +7,9 @@ DEMO := demo
 
 .PHONY: install demo test test-fast test-slurm test-without-dali slurm-up slurm-down bench clean chromium
 
-# EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), bench (plots), dev.
-EXTRAS ?= cuda13,s3,models,bench,dev
+# EXTRAS: cuda13 (DALI for CUDA 13; cuda12 for older drivers), s3, models (timm, open_clip), engines (ONNX Runtime),
+# bench (plots), dev; on a GPU node add tensorrt.
+EXTRAS ?= cuda13,s3,models,engines,bench,dev
 
 # uv installs what pip would, in a third of the time here (84 s cold against 233 s), byte-compiled:
 # where PYTHONDONTWRITEBYTECODE=1, as on this machine, Python would otherwise compile torch & co. again

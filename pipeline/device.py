@@ -21,13 +21,28 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def float_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the batch and of eager models: int8 engines take float inputs (fp16 on CUDA, fp32 here)
+    and are gated against an eager model in that dtype."""
+    if precision == "int8":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[precision]
+
+
+def gpu_model(device: torch.device) -> dict:
+    """What a TensorRT engine is specific to: the GPU's name and compute capability."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto` → fp16 on CUDA, bf16 on a CPU with native bf16 kernels, else fp32."""
     if name == "auto":
         if device.type == "cuda":
             return "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if device.type == "cpu" and name != "fp32" and not (name == "bf16" and cpu_has_bf16()):
+    if device.type == "cpu" and name not in ("fp32", "int8") and not (name == "bf16" and cpu_has_bf16()):
         log.warning("precision=%s on this CPU has no native kernels: it runs several times slower than fp32 "
                     "(docs/BENCHMARKS.md); precision=auto picks %s here", name, resolve_precision("auto", device))
     return name

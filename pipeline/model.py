@@ -42,6 +42,8 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
 
         loaded = load_head(settings, in_features, build)
         network, own, categories, source = loaded.network, None, None, loaded.weights
+    elif settings.path and settings.path.endswith(".onnx"):
+        return _load_onnx(settings, device)
     elif settings.path:
         network, own, categories, source = SameOutput(_load_file(settings.path)), {}, None, settings.path
     else:
@@ -61,6 +63,19 @@ def load_model(settings: ModelSettings, device: torch.device, dtype: torch.dtype
     log.info("model=%s source=%s weights=%s dtype=%s device=%s preprocess=%s",
              settings.label, settings.source_label, source, dtype, device, preprocess)
     return LoadedModel(network, categories, source, preprocess, classifier)
+
+
+def _load_onnx(settings: ModelSettings, device: torch.device) -> LoadedModel:
+    """An ONNX file, run by ONNX Runtime: its preprocessing must be given, as for any file."""
+    from pipeline.engines.onnxruntime import OrtModel
+
+    if not os.path.isfile(settings.path):
+        raise UserError(f"model.path {settings.path} does not exist")
+    preprocess = resolve_preprocess(settings, {})
+    module = OrtModel(settings.path, device, settings.onnx_outputs)
+    log.info("model=%s source=file (ONNX Runtime, input %s %s) device=%s preprocess=%s", settings.path,
+             module.input.type, module.input.shape, device, preprocess)
+    return LoadedModel(module, None, settings.path, preprocess)
 
 
 def keep_norms_float32(network: nn.Module) -> None:

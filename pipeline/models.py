@@ -40,6 +40,9 @@ class PlannedModel:
     outputs: list  # output kinds (prefixed with the name when there is one)
     branch: int | None  # index of its preprocessing among the run's; None: a head
     probe: dict  # its outputs for one blank input: their shapes size the columns and any head on it
+    input_shape: tuple = ()  # one row of its input: (3, S, S), or a head's (features,)
+    engine: object | None = None  # its pipeline.engines.Engine, when model.backend is one
+    precision: str | None = None  # where it differs from the run's: an eager model in an int8 run
 
     @property
     def label(self) -> str:
@@ -58,7 +61,7 @@ def model_identities(models: list[PlannedModel], precision: str) -> dict:
                 "module": m.settings.module, "of": identities.get(m.settings.input_model)} \
             if pre is None else dataclasses.asdict(pre)
         identities[m.name] = {"model": m.settings.label, "source": m.settings.source_label,
-                              "weights": m.loaded.source, "precision": precision,
+                              "weights": m.loaded.source, "precision": m.precision or precision,
                               "outputs": [kind.identity for kind in m.outputs], "preprocess": read}
     return identities
 
@@ -82,8 +85,10 @@ def load_models(settings: ScoreSettings, device: torch.device, dtype: torch.dtyp
             if loaded.preprocess not in preprocesses:
                 preprocesses.append(loaded.preprocess)
             branch = preprocesses.index(loaded.preprocess)
+            shape = (3, loaded.preprocess.crop_size, loaded.preprocess.crop_size)
         else:
             probe, branch = _run_probe(loaded.module, head_input, name), None
+            shape = tuple(head_input.shape[1:])
         options = OutputOptions(probe, m.topk, loaded.categories, loaded.classifier,
                                 out.normalize_embedding if m.normalize_embedding is None else m.normalize_embedding,
                                 out.activation if m.activation is None else m.activation)
@@ -91,7 +96,7 @@ def load_models(settings: ScoreSettings, device: torch.device, dtype: torch.dtyp
             kinds = make_outputs(kinds, options, name)
         except UserError as e:
             raise UserError(f"models.{name}: {e}" if name else str(e)) from None
-        planned[name] = PlannedModel(name, m, loaded, kinds, branch, probe)
+        planned[name] = PlannedModel(name, m, loaded, kinds, branch, probe, shape)
     return list(planned.values())
 
 
@@ -114,13 +119,13 @@ class ModelSet:
         self.dtype = dtype
         self.scorers: dict[str | None, Scorer] = {}
         for m in models:
-            if m.settings.compile:
+            if m.settings.engine_backend == "compile":
                 m.loaded.module = compile_model(m.loaded.module)
             pre = m.loaded.preprocess
             context = (f"model={m.label} precision={precision} "
                        + (f"image_size={pre.crop_size}" if pre else f"input={m.settings.input}"))
             injected = oom if inject_into in (None, m.name) else dataclasses.replace(oom, inject_above=None)
-            self.scorers[m.name] = Scorer(m.loaded.module, batch_size, device, injected, context,
+            self.scorers[m.name] = Scorer(m.engine or m.loaded.module, batch_size, device, injected, context,
                                           micro_batch=m.settings.batch_size)
         self.run_only({m.name for m in models})
 
@@ -147,7 +152,11 @@ class ModelSet:
                 x = views[self._view[m.branch]]
             else:
                 x = head_input(results[m.settings.input_model], m.settings, self.dtype)
-            results[m.name] = self.scorers[m.name].forward(x)  # every row, padding too: heads keep one shape
+            scorer = self.scorers[m.name]
+            if m.engine is not None and m.engine.pending_gate and n_valid > 0:  # the first real rows
+                size = scorer.policy.next_size()
+                m.engine.gate(x[:size], min(n_valid, size))
+            results[m.name] = scorer.forward(x)  # every row, padding too: heads keep one shape
         values: dict[str, torch.Tensor] = {}
         for m in self.writing:
             values.update(compute_all(m.outputs, {k: v[:n_valid] for k, v in results[m.name].items()}))
@@ -164,7 +173,9 @@ class ModelSet:
     def stats(self) -> dict:
         """Per model run: its micro-batch now and at its smallest, and its OOM events."""
         return {m.label: {"micro_batch": s.micro_batch, "min_micro_batch": s.policy.min_size,
-                          "oom_events": s.policy.events, "written": m in self.writing}
+                          "oom_events": s.policy.events, "written": m in self.writing,
+                          "backend": m.settings.engine_backend,
+                          **({"engine": m.engine.stats()} if m.engine is not None else {})}
                 for m in self.running for s in (self.scorers[m.name],)}
 
 

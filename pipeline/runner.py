@@ -23,6 +23,9 @@ from pipeline.autobatch import choose_batch_size
 from pipeline.batch import OK, ShardFailure
 from pipeline.decode import Decoder, Preprocess, SampleRules, choose_decoder, make_decoder
 from pipeline.decode.dali import dali_available
+from pipeline.engines import ENGINES, check_backend
+from pipeline.engines.build import attach_engines
+from pipeline.engines.calibrate import CalibrationImages
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
 from pipeline.layout import OutputLayout
 from pipeline.manifest import finish_rank, remove_success, run_key
@@ -138,7 +141,7 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
         settings = replace(settings, loader=replace(settings.loader, threads=cluster.cpus_available()))
     device = cluster.resolve_device(settings.device)
     precision = dev.resolve_precision(settings.precision, device)
-    dtype = dev.DTYPES[precision]
+    dtype = dev.float_dtype(precision, device)
     dev.configure(device, settings.seed, precision)
     rank, world_size = cluster.rank_and_world(settings.dist)
     all_paths = expand_shards(settings.data.shards)
@@ -147,6 +150,8 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
     check_names(settings.outputs)  # an unknown kind is a user error before the model is loaded
     if d.stage_dir:
         check_stage_dir(d.stage_dir)
+    for name, m in settings.named_models:
+        check_backend(m.engine_backend, precision, device, f"models.{name}" if name else "model")
     opening = BackgroundOpening(mine, d.index_cache_dir, settings.loader.threads)
     try:
         models = load_models(settings, device, dtype, build)
@@ -164,10 +169,14 @@ def plan(settings: ScoreSettings, resolved_config: dict | None = None, build: Bu
         chosen = [choose_batch_size(m.loaded.module, m.loaded.preprocess.crop_size, dtype, device,
                                     _injected_into(settings, m.name)) for m in swept]
         batch_size, auto_table = min(chosen, key=lambda c: c[0])
-    metadata = {**run_metadata(models, precision), "batch_size": batch_size, "version": __version__,
-                "config": resolved_config or {}}
     rules = SampleRules(tuple(e.lower() for e in d.image_extensions), d.label_extension, d.max_pixels,
                         tuple(c.lower() for c in out.keep_components))
+    if any(m.settings.engine_backend in ENGINES for m in models) or precision == "int8":
+        calibration = CalibrationImages(all_paths, settings, rules, batch_size, device, dtype) \
+            if precision == "int8" else None
+        attach_engines(models, settings, batch_size, device, dtype, precision, calibration)
+    metadata = {**run_metadata(models, precision), "batch_size": batch_size, "version": __version__,
+                "config": resolved_config or {}}
     return Plan(settings, device, precision, dtype, rank, world_size, [shard_name(p) for p in all_paths], shards,
                 models, preprocessings(models), batch_size, auto_table, metadata, rules, started, build)
 
@@ -299,6 +308,7 @@ class Runner:
             **summary, "rank": p.rank, "world_size": p.world_size, "batch_size": p.batch_size,
             "micro_batch": models.micro_batch, "min_micro_batch": min(m["min_micro_batch"] for m in per_model.values()),
             "oom_events": models.oom_events, "models": per_model if p.models[0].name else None,
+            "engines": {label: m["engine"] for label, m in per_model.items() if "engine" in m} or None,
             "precision": p.precision, "device": str(p.device), "decoder": self.decoder_name,
             "model": p.model_label, "shards_assigned": len(p.shards), "shards_skipped_complete": self._skipped,
             "shards_written": len(writer.committed) - self._skipped,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 
-PRECISIONS = ("fp16", "bf16", "fp32", "auto")
+PRECISIONS = ("fp16", "bf16", "fp32", "int8", "auto")  # int8: engines only (model.backend)
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 DEVICES = ("auto", "cuda", "cpu")
 DECODERS = ("dali", "torch", "auto")
 # Both decoders resample these alike; nearest-neighbour picks different source pixels in DALI and torchvision.
@@ -32,7 +33,7 @@ class ModelSettings:
     name: str | None = None  # the source's architecture name
     weights: str | None = None  # the source's pretrained name or tag (torchvision: DEFAULT too); None: seeded random init
     checkpoint: str | None = None  # a state_dict file, loaded with weights_only=True, for any source
-    path: str | None = None  # or a TorchScript (.pt/.ts) or torch.export (.pt2) file instead of a source
+    path: str | None = None  # or a TorchScript (.pt/.ts), torch.export (.pt2) or ONNX (.onnx) file instead of a source
     module: dict | None = None  # source=module: {_target_: package.Class, **arguments}
     num_classes: int | None = None  # for a random init or a checkpoint; None: the architecture's default
     resize_size: int | None = None  # shorter side after resize; None: from the model
@@ -41,7 +42,9 @@ class ModelSettings:
     std: tuple[float, ...] | None = None
     interpolation: str | None = None  # bilinear | bicubic; None: from the model
     topk: int = 5
-    compile: bool = False
+    compile: bool = False  # the same as backend=compile
+    backend: str = "eager"  # eager | compile | onnxruntime | tensorrt (an .onnx path: onnxruntime unless tensorrt)
+    onnx_outputs: dict | None = None  # an .onnx file's outputs for {output: …, embedding: …}, by name or position
     # With several models (`models:`), each may say these for itself; null: the run's own value.
     outputs: tuple[str, ...] | None = None  # output kinds; a head's default is [scores]
     activation: str | None = None  # scores: none | sigmoid | softmax (null: output.activation)
@@ -64,6 +67,14 @@ class ModelSettings:
             _check(value is None or (len(value) == 3 and (key == "mean" or min(value) > 0)),
                    f"model.{key} needs three values" + (", all > 0" if key == "std" else ""))
         _check(self.topk >= 1, "model.topk must be >= 1")
+        _check(self.backend in BACKENDS, f"model.backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
+        _check(not self.compile or self.backend in ("eager", "compile"),
+               f"model.compile=true and model.backend={self.backend}: choose one (backend=compile is compile=true)")
+        onnx_file = bool(self.path) and self.path.endswith(".onnx")
+        _check(not onnx_file or self.backend in ("eager", "onnxruntime", "tensorrt") and not self.compile,
+               "an .onnx model.path runs with model.backend=onnxruntime or tensorrt")
+        _check(self.onnx_outputs is None or (onnx_file and set(self.onnx_outputs) <= {"output", "embedding"}),
+               "model.onnx_outputs is for an .onnx model.path: {output: <name or position>, embedding: <…>}")
         _check(self.num_classes is None or self.num_classes >= 1, "model.num_classes must be >= 1")
         _check(self.path is None or self.checkpoint is None, "give at most one of model.checkpoint and model.path")
         _check(self.path is not None or self.source in ("module", "head") or bool(self.name),
@@ -97,6 +108,15 @@ class ModelSettings:
         if self.source == "head":
             return f"head({self.module['_target_'] if self.module else 'x'.join(map(str, self.layers))})"
         return self.module["_target_"] if self.source == "module" else self.name
+
+    @property
+    def engine_backend(self) -> str:
+        """The backend it runs with: compile=true is backend=compile; an .onnx file runs in ONNX Runtime."""
+        if self.compile:
+            return "compile"
+        if self.path and self.path.endswith(".onnx") and self.backend == "eager":
+            return "onnxruntime"
+        return self.backend
 
     @property
     def is_head(self) -> bool:
@@ -213,6 +233,25 @@ class AutoBatchSettings:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """Exported engines (model.backend=onnxruntime|tensorrt): where they are kept, and the gate they pass."""
+
+    cache_dir: str | None = None  # null: $SHARDSCORE_ENGINE_CACHE, else ~/.cache/shardscore/engines
+    opset: int = 18  # ONNX opset of the exported graphs
+    gate_top1: float = 0.99  # classifiers: the share of rows whose top-1 class matches eager's
+    gate_cosine: float = 0.999  # scores and embeddings: the mean cosine of each row with eager's
+    calibration_images: int = 512  # precision=int8: the first images of the dataset, calibrated on
+    calibration_method: str = "minmax"  # minmax | entropy | percentile (ONNX Runtime's calibrators)
+
+    def __post_init__(self):
+        _check(0 < self.gate_top1 <= 1 and 0 < self.gate_cosine <= 1, "engine.gate_top1/gate_cosine must be in (0, 1]")
+        _check(self.calibration_images >= 1, "engine.calibration_images must be >= 1")
+        _check(self.calibration_method in ("minmax", "entropy", "percentile"),
+               "engine.calibration_method must be minmax, entropy or percentile")
+        _check(self.opset >= 13, "engine.opset must be >= 13")
+
+
+@dataclass(frozen=True)
 class DistSettings:
     """This process's rank among all ranks of the run; null = read from Slurm's environment."""
 
@@ -239,6 +278,7 @@ class ScoreSettings:
     loader: LoaderSettings = field(default_factory=LoaderSettings)
     oom: OomSettings = field(default_factory=OomSettings)
     auto: AutoBatchSettings = field(default_factory=AutoBatchSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     dist: DistSettings = field(default_factory=DistSettings)
 
     def __post_init__(self):
@@ -250,6 +290,9 @@ class ScoreSettings:
         _check(self.decoder in DECODERS, f"decoder must be one of {'|'.join(DECODERS)}, got {self.decoder!r}")
         _check(not self.model.is_head, "model.source=head runs on another model's output: give it under models:")
         check_models(self.models)
+        backends = {m.engine_backend for _, m in self.named_models if not m.is_head}
+        _check(self.precision != "int8" or backends & {"onnxruntime", "tensorrt"},
+               "precision=int8 quantises an engine: give model.backend=onnxruntime (or tensorrt on a GPU)")
         _check(self.oom.inject_model is None or self.oom.inject_model in self.models,
                f"oom.inject_model={self.oom.inject_model} is not a model of models:")
 
