@@ -62,8 +62,8 @@ def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path, caps
     assert r.returncode == 0
     assert "batch |  ms/batch |  images/s |  peak MB" in r.stdout
     rows, report = read_sweep(tmp_path)
-    assert [e["precision"] for e in report["precisions"]] == ["fp32", "bf16"]
-    for entry in report["precisions"]:
+    assert [(e["backend"], e["precision"]) for e in report["series"]] == [("eager", "fp32"), ("eager", "bf16")]
+    for entry in report["series"]:
         points = entry["points"]
         assert [p["batch"] for p in points] == [1, 2, 4, 8]
         assert all(not p["oom"] and p["images_per_sec"] > 0 and p["ms_per_batch"] > 0 and p["peak_mb"] > 0
@@ -84,12 +84,36 @@ def test_sweep_writes_table_files_and_a_consistent_recommendation(tmp_path, caps
     assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_sweep_profiles_each_backend_and_precision_with_its_build_time(tmp_path, capsys):
+    """bench.backends=[eager,onnxruntime] × [fp32,int8]: three series (int8 is for engines only); each engine
+    point carries the seconds its engine took to build; the peak per back-end is printed; a second sweep
+    loads every engine from the cache."""
+    args = ["mode=sweep", *TINY, "bench.max_batch_size=4", "bench.precisions=[fp32,int8]", "bench.repeats=1",
+            "bench.backends=[eager,onnxruntime]", f"engine.cache_dir={tmp_path / 'engines'}",
+            "engine.calibration_images=8", f"bench.out_dir={tmp_path}"]
+    r = bench(tmp_path, capsys, *args)
+    assert r.returncode == 0
+    rows, report = read_sweep(tmp_path)
+    assert [(e["backend"], e["precision"]) for e in report["series"]] == [
+        ("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    for entry in report["series"]:
+        assert [p["batch"] for p in entry["points"]] == [1, 2, 4]
+        engine = entry["backend"] == "onnxruntime"
+        assert all(("build_s" in p and p["cache"] == "built" and p["build_s"] > 0) == engine for p in entry["points"])
+    assert {row["backend"] for row in rows} == {"eager", "onnxruntime"} and len(rows) == 9
+    peaks = r.stdout[r.stdout.index("peak images/s"):].splitlines()
+    assert [ln.split()[0] for ln in peaks[1:3]] == ["eager", "onnxruntime"]
+    bench(tmp_path, capsys, *args)
+    _, again = read_sweep(tmp_path)
+    assert all(p["cache"] == "hit" for e in again["series"][1:] for p in e["points"])
+
+
 def test_sweep_marks_the_first_oom_and_finishes(tmp_path, capsys):
     r = bench(tmp_path, capsys, "mode=sweep", *TINY, "oom.inject_above=4", "bench.max_batch_size=16",
               "bench.precisions=[fp32]", "bench.repeats=1", f"bench.out_dir={tmp_path}")
     assert r.returncode == 0
     rows, report = read_sweep(tmp_path)
-    (entry,) = report["precisions"]
+    (entry,) = report["series"]
     # 8 rows run out of memory; 16 is never tried.
     assert [(p["batch"], p["oom"]) for p in entry["points"]] == [(1, False), (2, False), (4, False), (8, True)]
     assert entry["recommended"] in (1, 2, 4)

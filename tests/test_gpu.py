@@ -189,3 +189,70 @@ def test_9_several_models_from_one_mixed_decode(shard, checkpoint, tmp_path, pre
         assert three.column(f"{name}_topk_index").to_pylist() == alone.column("topk_index").to_pylist()
     assert three.column("h_score").null_count == 0 and np.isfinite(three.column("h_score").to_numpy()).all()
     assert sorted(metrics(tmp_path / "three")["models"]) == ["a", "b", "h"]
+
+
+def _engine(tmp_path, **kw):
+    from pipeline.settings import EngineSettings
+
+    return EngineSettings(cache_dir=str(tmp_path / "engines"), **kw)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_10_tensorrt_engine_built_then_loaded_by_a_second_process_and_gated(shard, checkpoint, tmp_path, precision):
+    """backend=tensorrt: the first process builds the engine (cache=built), a second process loads it
+    (cache=hit); the gate passes against eager on CUDA and the rows agree with eager's (top-1 ≥ 99 %)."""
+    base = ["debug=tiny", f"data.shards={shard}", "device=cuda", f"precision={precision}", "decoder=dali",
+            f"model.checkpoint={checkpoint.checkpoint}", "model.backend=tensorrt", "batch_size=8",
+            f"engine.cache_dir={tmp_path / 'engines'}"]
+    for name, expected in (("first", "cache=built"), ("second", "cache=hit")):
+        r = subprocess.run([sys.executable, "-m", "jobs.score", *base, f"output.dir={tmp_path / name}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert expected in r.stderr and "engine gate passed" in r.stderr
+    assert score(settings(shard, tmp_path / "eager", "cuda", precision, model=checkpoint)) == 0
+    eager = pq.read_table(tmp_path / "eager").sort_by("key").column("topk_index").to_pylist()
+    trt = pq.read_table(tmp_path / "second").sort_by("key").column("topk_index").to_pylist()
+    assert np.mean([a[0] == b[0] for a, b in zip(eager, trt)]) >= 0.99
+    stats = metrics(tmp_path / "second")["engines"]["resnet18"]
+    assert stats["scoring_with"] == "tensorrt" and stats["builds"]["8"]["cache"] == "hit"
+
+
+def test_11_tensorrt_int8_calibrates_on_the_dataset_and_its_gate_decides(shard, checkpoint, tmp_path):
+    """precision=int8 with TensorRT: calibrated on the run's first images (ONNX Runtime's QDQ graph, read
+    by TensorRT), the calibration cache beside the engine; the gate's figures in the metrics decide."""
+    from dataclasses import replace
+
+    s = replace(settings(shard, tmp_path / "int8", "cuda", "int8", model=replace(checkpoint, backend="tensorrt")),
+                engine=_engine(tmp_path, calibration_images=32))
+    assert score(s) == 0
+    assert list((tmp_path / "engines").glob("*.calibration.json"))
+    stats = metrics(tmp_path / "int8")["engines"]["resnet18"]
+    gate = stats["gates"]["8"]
+    assert stats["scoring_with"] == ("tensorrt" if gate["passed"] else "eager")
+    assert "top1_agreement" in gate and metrics(tmp_path / "int8")["images"] == 40
+
+
+def test_12_tensorrt_rebuilds_at_the_halved_batch_after_an_out_of_memory_error(shard, checkpoint, tmp_path):
+    from dataclasses import replace
+
+    s = replace(settings(shard, tmp_path / "oom", "cuda", "fp16", model=replace(checkpoint, backend="tensorrt"),
+                         batch_size=16, oom=OomSettings(inject_above=8, inject_limit=1)), engine=_engine(tmp_path))
+    assert score(s) == 0
+    stats = metrics(tmp_path / "oom")["engines"]["resnet18"]
+    assert set(stats["builds"]) == {"16", "8"} and stats["scoring_with"] == "tensorrt"
+    assert pq.read_table(tmp_path / "oom").num_rows == 40
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_13_onnxruntime_on_cuda_matches_eager(shard, checkpoint, tmp_path, precision):
+    """backend=onnxruntime with ONNX Runtime's CUDA provider (onnxruntime-gpu): IO binding of CUDA tensors."""
+    from dataclasses import replace
+
+    s = replace(settings(shard, tmp_path / "ort", "cuda", precision, model=replace(checkpoint, backend="onnxruntime")),
+                engine=_engine(tmp_path))
+    assert score(s) == 0
+    assert score(settings(shard, tmp_path / "eager", "cuda", precision, model=checkpoint)) == 0
+    a = pq.read_table(tmp_path / "ort").sort_by("key").column("topk_index").to_pylist()
+    b = pq.read_table(tmp_path / "eager").sort_by("key").column("topk_index").to_pylist()
+    assert np.mean([x[0] == y[0] for x, y in zip(a, b)]) >= 0.99
+    assert metrics(tmp_path / "ort")["engines"]["resnet18"]["scoring_with"] == "onnxruntime"

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from pipeline.errors import EXIT_FAILED, EXIT_OK, UserError
-from pipeline.settings import PRECISIONS, ScoreSettings
+from pipeline.settings import BACKENDS, PRECISIONS, ScoreSettings
 
 MODES = ("sweep", "e2e", "overhead", "memory", "models")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
@@ -115,6 +115,7 @@ class BenchSettings:
     out_dir: str
     max_batch_size: int = 256
     precisions: tuple[str, ...] = ("fp32", "auto")
+    backends: tuple[str, ...] = ("eager",)  # mode=sweep: eager | compile | onnxruntime | tensorrt (int8: engines only)
     repeats: int = 5
     warmup: int = 1
     tolerance: float = 0.03
@@ -129,6 +130,8 @@ class BenchSettings:
         bad = [p for p in self.precisions if p not in PRECISIONS]
         _check(not bad and len(self.precisions) > 0,
                f"bench.precisions must be a non-empty list of {', '.join(PRECISIONS)}; got {list(self.precisions)}")
+        _check(len(self.backends) > 0 and set(self.backends) <= set(BACKENDS),
+               f"bench.backends must be a non-empty list of {', '.join(BACKENDS)}; got {list(self.backends)}")
         _check(self.repeats >= 1, "bench.repeats must be >= 1")
         _check(self.warmup >= 0, "bench.warmup must be >= 0")
         _check(0 <= self.tolerance < 1, "bench.tolerance must be in [0, 1)")
@@ -142,7 +145,7 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=No
         from pipeline.bench.sweep import run_sweep
 
         report = run_sweep(settings, bench, build)
-        return EXIT_OK if all(p["recommended"] is not None for p in report["precisions"]) else EXIT_FAILED
+        return EXIT_OK if all(p["recommended"] is not None for p in report["series"]) else EXIT_FAILED
     if mode == "overhead":
         from pipeline.bench.overhead import run_overhead
 

@@ -27,13 +27,15 @@ def pyplot():
 
 
 def plot_sweep(report: dict, path: str) -> None:
-    """images/s against batch size (log2), one line per precision; the recommendation starred, OOM crossed."""
+    """images/s against batch size (log2), one line per back-end × precision; the recommendation starred,
+    OOM crossed."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    sizes = sorted({p["batch"] for e in report["precisions"] for p in e["points"]})
-    for entry in report["precisions"]:
+    sizes = sorted({p["batch"] for e in report["series"] for p in e["points"]})
+    for entry in report["series"]:
         ok = [p for p in entry["points"] if not p["oom"]]
-        line, = ax.plot([p["batch"] for p in ok], [p["images_per_sec"] for p in ok], marker="o", label=entry["precision"])
+        line, = ax.plot([p["batch"] for p in ok], [p["images_per_sec"] for p in ok], marker="o",
+                        label=f"{entry['backend']} {entry['precision']}")
         chosen = next((p for p in ok if p["batch"] == entry["recommended"]), None)
         if chosen:
             ax.plot(chosen["batch"], chosen["images_per_sec"], marker="*", markersize=16, color=line.get_color(),
@@ -51,7 +53,7 @@ def plot_sweep(report: dict, path: str) -> None:
     ax.set_ylabel("images/s (model alone)")
     ax.set_title(f"{report['model']} {report['image_size']}px, {report['device']}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="precision")
+    ax.legend(title="back-end, precision")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
