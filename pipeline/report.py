@@ -213,6 +213,25 @@ def model_stats(metrics: list[dict]) -> list[dict]:
     return list(stats.values())
 
 
+def engine_stats(metrics: list[dict]) -> list[dict]:
+    """Per model run by an engine, over the ranks: back-end, precision, what scored (the engine, or eager
+    after a failed gate, on how many ranks), the gate's weakest figures, and builds against cache hits."""
+    stats: dict[str, dict] = {}
+    for m in metrics:
+        for name, s in (m.get("engines") or {}).items():
+            seen = stats.setdefault(name, {"model": name, "backend": s["backend"], "precision": s["precision"],
+                                           "ranks": 0, "eager_ranks": 0, "gate": {}, "built": 0, "hits": 0})
+            seen["ranks"] += 1
+            seen["eager_ranks"] += s["scoring_with"] == "eager"
+            for gate in s["gates"].values():
+                for key, value in gate.items():
+                    if key not in ("rows", "passed"):
+                        seen["gate"][key] = min(value, seen["gate"].get(key, value))
+            for build in s["builds"].values():
+                seen["built" if build["cache"] == "built" else "hits"] += 1
+    return list(stats.values())
+
+
 def run_state(out_dir: str, metrics: list[dict], written: int) -> tuple[str, str]:
     """("in progress" | "complete" | "incomplete", one line saying so)."""
     running = [m for m in metrics if m.get("running")]
@@ -279,6 +298,7 @@ def write_report(settings: ReportSettings) -> dict:
                     **{key: m[key] for key in ("top1_prob", "embedding_norm", "score")}}
                    for name, m in found["models"].items()],
         "model_stats": model_stats(metrics),
+        "engine_stats": engine_stats(metrics),
         "ranks": rank_rates(metrics),
     }
     if list(found["models"]) == [None]:  # the one-model form: its charts' figures at the top level too

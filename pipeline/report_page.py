@@ -105,6 +105,8 @@ def render_html(r: dict) -> str:
                             for s in r["model_stats"])
         sections.append(("Models", "<table><tr><th>model</th><th class=n>smallest micro-batch</th><th class=n>OOM events"
                                    f"</th><th>this run</th></tr>{stat_rows}</table>"))
+    if r.get("engine_stats"):
+        sections.append(("Engines", _engine_table(r["engine_stats"])))
     for m in r["models"]:
         sections += _model_sections(m, r["status_counts"].get("ok", 0))
     sections.append(("Images/s per rank", _chart(lambda ax: _rates(ax, r["ranks"]), "between metrics refreshes")
@@ -160,3 +162,16 @@ def screenshot(chromium: str, page: str, png: str, width: int = 1200, height: in
         image = image.convert("RGB")
     box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).getbbox()
     image.crop((0, 0, image.width, min(image.height, (box[3] if box else 0) + 24))).save(png)
+
+
+def _engine_table(stats: list[dict]) -> str:
+    rows = []
+    for s in stats:
+        scored = (f"eager (gate failed) on {s['eager_ranks']} of {s['ranks']} ranks" if s["eager_ranks"]
+                  else s["backend"])
+        gate = " ".join(f"{k}={v}" for k, v in s["gate"].items())
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in (s["model"], s["backend"], s["precision"], scored, gate))
+        rows.append(f"<tr>{cells}<td class=n>{s['built']} / {s['hits']}</td></tr>")
+    return ("<table><tr><th>model</th><th>back-end</th><th>precision</th><th>scored with</th>"
+            "<th>gate against eager (weakest rank)</th><th class=n>built / cache hits</th></tr>"
+            f"{''.join(rows)}</table>")

@@ -101,8 +101,9 @@ def test_sweep_profiles_each_backend_and_precision_with_its_build_time(tmp_path,
         engine = entry["backend"] == "onnxruntime"
         assert all(("build_s" in p and p["cache"] == "built" and p["build_s"] > 0) == engine for p in entry["points"])
     assert {row["backend"] for row in rows} == {"eager", "onnxruntime"} and len(rows) == 9
-    peaks = r.stdout[r.stdout.index("peak images/s"):].splitlines()
-    assert [ln.split()[0] for ln in peaks[1:3]] == ["eager", "onnxruntime"]
+    peaks = [ln.lstrip("* ").split() for ln in r.stdout[r.stdout.index("peak images/s"):].splitlines()[1:4]]
+    assert [p[:2] for p in peaks] == [["eager", "fp32"], ["onnxruntime", "fp32"], ["onnxruntime", "int8"]]
+    assert sum(ln.startswith("*") for ln in r.stdout.splitlines()) == 2  # the best series of each back-end
     bench(tmp_path, capsys, *args)
     _, again = read_sweep(tmp_path)
     assert all(p["cache"] == "hit" for e in again["series"][1:] for p in e["points"])

@@ -152,6 +152,12 @@ def test_the_gate_refuses_an_engine_made_wrong_and_scores_with_eager(shards, tmp
     e, b = table(tmp_path / "eager"), table(tmp_path / "broken")
     assert e["topk_index"] == b["topk_index"]
     np.testing.assert_allclose(np.array(e["scores"]), np.array(b["scores"]), rtol=1e-5, atol=1e-6)
+    from pipeline.report import ReportSettings, write_report
+
+    (engine,) = write_report(ReportSettings(output_dir=str(tmp_path / "broken")))["engine_stats"]
+    assert engine["eager_ranks"] == 1 and engine["gate"]["top1_agreement"] == stats["gates"]["8"]["top1_agreement"]
+    page = (tmp_path / "broken" / "_report" / "index.html").read_text()
+    assert "Engines" in page and "eager (gate failed) on 1 of 1 ranks" in page
 
 
 def test_an_out_of_memory_halving_builds_the_engine_at_the_smaller_size(shards, tmp_path):

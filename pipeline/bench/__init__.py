@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pipeline.errors import EXIT_FAILED, EXIT_OK, UserError
 from pipeline.settings import BACKENDS, PRECISIONS, ScoreSettings
 
-MODES = ("sweep", "e2e", "overhead", "memory", "models")
+MODES = ("sweep", "e2e", "overhead", "memory", "models", "engines")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
 OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch", "score_dali_embedding")
 
@@ -109,6 +109,30 @@ class ModelsBenchSettings:
 
 
 @dataclass(frozen=True)
+class EnginesBenchSettings:
+    """mode=engines: eager against onnxruntime end to end per model, and fp32 against int8 on a fitted classifier."""
+
+    models: tuple[str, ...] = ("resnet18", "resnet50", "vit")
+    images: int = 1024
+    shard_size: int = 512
+    batch_size: int = 64
+    rounds: int = 3
+    decoder: str = "dali"
+    int8: bool = True
+    calibration_images: int = 512
+    extra: tuple[str, ...] = ()  # more jobs.score overrides for every run
+
+    def __post_init__(self):
+        from pipeline.bench.engines import ARCHITECTURES
+
+        _check(set(self.models) <= set(ARCHITECTURES),
+               f"bench.engines.models must be among {', '.join(ARCHITECTURES)}; got {list(self.models)}")
+        _check(min(self.images, self.shard_size, self.batch_size, self.rounds, self.calibration_images) >= 1,
+               "bench.engines.images, shard_size, batch_size, rounds and calibration_images must be >= 1")
+        _check(self.decoder in ("dali", "torch"), "bench.engines.decoder must be dali or torch")
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     """The `bench:` node of conf/bench.yaml."""
 
@@ -123,6 +147,7 @@ class BenchSettings:
     overhead: OverheadSettings = field(default_factory=OverheadSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     models: ModelsBenchSettings = field(default_factory=ModelsBenchSettings)
+    engines: EnginesBenchSettings = field(default_factory=EnginesBenchSettings)
 
     def __post_init__(self):
         _check(bool(self.out_dir), "bench.out_dir is required")
@@ -155,6 +180,11 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=No
         from pipeline.bench.several import run_models
 
         run_models(settings, bench)
+        return EXIT_OK
+    if mode == "engines":
+        from pipeline.bench.engines import run_engines
+
+        run_engines(settings, bench)
         return EXIT_OK
     if mode == "memory":
         from pipeline.bench.memory import run_memory

@@ -168,20 +168,21 @@ def median_point(batch: int, runs: list[dict]) -> dict:
 
 
 def format_peaks(report: dict) -> str:
-    """Per back-end, its best series and batch, and what the sweep would pick."""
-    lines = ["", f"{'backend':<12} {'precision':<9} {'peak images/s':>13} {'at batch':>8} {'pick':>5} {'build s':>8}"]
-    for backend in dict.fromkeys(e["backend"] for e in report["series"]):
-        best = None
-        for e in (e for e in report["series"] if e["backend"] == backend):
-            for p in e["points"]:
-                if not p["oom"] and (best is None or p["images_per_sec"] > best[1]["images_per_sec"]):
-                    best = (e, p)
-        if best is None:
-            lines.append(f"{backend:<12} (out of memory at batch 1)")
+    """Each series' peak and the batch size the sweep would pick; * marks the best series of each back-end."""
+    best = {}
+    for e in report["series"]:
+        peak = max((p for p in e["points"] if not p["oom"]), key=lambda p: p["images_per_sec"], default=None)
+        if peak and peak["images_per_sec"] > best.get(e["backend"], (None, 0))[1]:
+            best[e["backend"]] = (e["precision"], peak["images_per_sec"])
+    lines = ["", f"  {'backend':<12} {'precision':<9} {'peak images/s':>13} {'at batch':>8} {'pick':>5} {'build s':>8}"]
+    for e in report["series"]:
+        peak = max((p for p in e["points"] if not p["oom"]), key=lambda p: p["images_per_sec"], default=None)
+        if peak is None:
+            lines.append(f"  {e['backend']:<12} {e['precision']:<9} out of memory at batch 1")
             continue
-        e, p = best
-        built = f"{p['build_s']:.1f}" if "build_s" in p else "-"
-        lines.append(f"{backend:<12} {e['precision']:<9} {p['images_per_sec']:>13.1f} {p['batch']:>8} "
+        mark = "*" if best[e["backend"]][0] == e["precision"] else " "
+        built = f"{peak['build_s']:.1f}" if "build_s" in peak else "-"
+        lines.append(f"{mark} {e['backend']:<12} {e['precision']:<9} {peak['images_per_sec']:>13.1f} {peak['batch']:>8} "
                      f"{e['recommended'] or '-':>5} {built:>8}")
     return "\n".join(lines)
 

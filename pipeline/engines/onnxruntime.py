@@ -15,7 +15,8 @@ from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+           "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
 
 
 def ort():
@@ -44,6 +45,8 @@ class OrtModel:
         options = rt.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # No spinning between runs: its idle threads would take the cores the decoder's threads decode on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
         try:
             self.session = rt.InferenceSession(path, options, providers=providers(device))
@@ -54,7 +57,7 @@ class OrtModel:
         if len(inputs) != 1:
             raise UserError(f"{path} takes {len(inputs)} inputs; an image model here takes one ([B, 3, S, S])")
         self.input = inputs[0]
-        if self.input.type not in _DTYPES:
+        if self.input.type not in ("tensor(float)", "tensor(float16)"):
             raise UserError(f"{path} takes {self.input.type}; float32 or float16 images expected")
         self.dtype = _DTYPES[self.input.type]
         batch = self.input.shape[0]
@@ -92,14 +95,18 @@ class OrtModel:
         return {key: out[name] for key, name in self.output_names.items()}
 
     def _output_shapes(self, x: torch.Tensor) -> dict[str, tuple]:
-        """Each output's shape and dtype at this batch size, found once by a run on zeros."""
+        """Each output's shape and dtype at this batch size: from the graph where its shapes are static,
+        else from one run of a single blank row."""
         rows = x.shape[0]
         if rows not in self._shapes:
-            zeros = np.zeros(tuple(x.shape), dtype=_np_dtype(x.dtype))
-            values = self.session.run(None, {self.input.name: zeros})
-            wanted = set(self.output_names.values())
-            self._shapes[rows] = {o.name: (v.shape, torch.from_numpy(v[:0]).dtype)
-                                  for o, v in zip(self.session.get_outputs(), values) if o.name in wanted}
+            wanted = [o for o in self.session.get_outputs() if o.name in set(self.output_names.values())]
+            dims = {o.name: o.shape[1:] for o in wanted}
+            if not all(isinstance(d, int) for shape in dims.values() for d in shape):
+                one = np.zeros((self.fixed_batch or 1, *x.shape[1:]), dtype=_np_dtype(x.dtype))
+                values = dict(zip([o.name for o in self.session.get_outputs()],
+                                  self.session.run(None, {self.input.name: one})))
+                dims = {name: values[name].shape[1:] for name in dims}
+            self._shapes[rows] = {o.name: ((rows, *dims[o.name]), _DTYPES.get(o.type, torch.float32)) for o in wanted}
         return self._shapes[rows]
 
 
