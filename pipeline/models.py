@@ -23,7 +23,7 @@ from pipeline.model import LoadedModel, compile_model, load_model
 from pipeline.outputs import OutputOptions, check_names, compute_all, make_outputs
 from pipeline.scorer import Scorer
 from pipeline.settings import ModelSettings, ScoreSettings
-from pipeline.sources import Builder
+from pipeline.sources import Builder, as_outputs
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _run_probe(module, x: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
     except RuntimeError as e:  # the layers or the module do not take this input
         raise UserError(f"models.{name} cannot read an input of shape {list(x.shape)}: "
                         f"{' '.join(str(e).split())[:160]}") from None
-    return out if isinstance(out, dict) else {"output": out, "embedding": out}
+    return as_outputs(out)
 
 
 def probe_outputs(module, size: int, device, dtype) -> dict[str, torch.Tensor]:
@@ -206,4 +206,4 @@ def probe_outputs(module, size: int, device, dtype) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
         x = torch.zeros((1, 3, size, size), device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         out = module(x)
-    return out if isinstance(out, dict) else {"output": out, "embedding": out}
+    return as_outputs(out)

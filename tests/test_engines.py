@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from dataclasses import replace
 
 import numpy as np
 import onnx

@@ -21,6 +21,7 @@ from pipeline import device as dev
 from pipeline.engines import cache
 from pipeline.engines.gate import compare
 from pipeline.errors import UserError
+from pipeline.sources import as_outputs
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ class Engine:
         if self.reference is not None:
             self._ungated.add(size)
 
-    @property
-    def in_use(self) -> bool:
-        return not self.failed_gate
-
     def gate(self, x: torch.Tensor, rows: int) -> dict:
         """Compare the engine of x's batch size with the reference on x's first `rows` rows; a failure sends
         every later call to the reference."""
@@ -68,10 +65,10 @@ class Engine:
             ours = self._runners[size](x)
             theirs = self.reference(x)
         s = self.settings
-        figures = compare(_as_dict(theirs), ours, rows, self.checks, s.gate_top1, s.gate_cosine)
+        figures = compare(as_outputs(theirs), ours, rows, self.checks, s.gate_top1, s.gate_cosine)
         self.gates[size] = figures
         self._ungated.discard(size)
-        self._gated = (_identity(x), ours if figures["passed"] else _as_dict(theirs))
+        self._gated = (_identity(x), ours if figures["passed"] else as_outputs(theirs))
         shown = " ".join(f"{k}={v}" for k, v in figures.items() if k != "passed")
         if figures["passed"]:
             log.info("engine gate passed model=%s backend=%s precision=%s batch=%d %s", self.label, self.backend,
@@ -89,13 +86,13 @@ class Engine:
             if gated[0] == _identity(x):  # the rows the gate just ran: their outputs, not a second run
                 return gated[1]
         if self.failed_gate:
-            return _as_dict(self.reference(x))
+            return as_outputs(self.reference(x))
         size = x.shape[0]
         self.prepare(size)  # a size first asked for (after an out-of-memory halving): built or loaded now
         if size in self._ungated:
             self.gate(x, size)
             if self.failed_gate:
-                return _as_dict(self.reference(x))
+                return as_outputs(self.reference(x))
         return self._runners[size](x)
 
     @property
@@ -111,10 +108,6 @@ class Engine:
 
 def _identity(x: torch.Tensor) -> tuple:
     return x.data_ptr(), tuple(x.shape), x.stride(), x._version
-
-
-def _as_dict(out) -> dict[str, torch.Tensor]:
-    return out if isinstance(out, dict) else {"output": out, "embedding": out}
 
 
 def check_backend(backend: str, precision: str, device: torch.device, what: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -69,7 +70,8 @@ def engine_for(m, backend: str, precision: str, dtype: torch.dtype, device: torc
         else:
             from pipeline.engines.tensorrt import TrtModel, build_engine
 
-            parts = {"graph": cache.file_digest(source.path), "precision": precision, **versions}
+            graph_id = identity["digest"] if source.path == m.settings.path else os.path.basename(source.path)
+            parts = {"graph": graph_id, "precision": precision, **versions}  # an exported graph's name is its key
             built = cache.cached_file(folder, f"{cache.engine_key(parts)}.plan",
                                       lambda tmp: build_engine(source.path, tmp, precision), parts)
             seconds += built.seconds

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.sources import as_outputs
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,8 @@ class _TwoOutputs(nn.Module):
         self.network = network
 
     def forward(self, x):
-        out = self.network(x)
-        if not isinstance(out, dict):
-            return out, out
-        return out["output"], out["embedding"] if "embedding" in out else out["output"]
+        out = as_outputs(self.network(x))
+        return out["output"], out.get("embedding", out["output"])
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: str, opset: int, label: str) -> None:

@@ -42,6 +42,11 @@ def source_module(name: str):
     return importlib.import_module(f"pipeline.sources.{name}")
 
 
+def as_outputs(out) -> dict:
+    """A network's result as the job's {"output", "embedding"}: a bare tensor is both."""
+    return out if isinstance(out, dict) else {"output": out, "embedding": out}
+
+
 class SameOutput(nn.Module):
     """A network whose one output is both the scores and the embedding (CLIP image towers, own modules)."""
 
