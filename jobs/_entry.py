@@ -55,15 +55,16 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ("paths", "hydra")) -> dic
     return plain
 
 
-def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> None:
-    """Run `task` under Hydra and exit with its code (2 for user errors, before any work)."""
+def run_job(task: Callable[[DictConfig], int], config_name: str = "config", verbatim: tuple[str, ...] = ()) -> None:
+    """Run `task` under Hydra and exit with its code (2 for user errors, before any work). The values of
+    `verbatim` keys (a SQL predicate) are taken as typed, not read by Hydra's override grammar."""
     started = False
 
     def main(cfg: DictConfig) -> int:  # runs here, or pickled into a Slurm job by the Hydra launcher
         nonlocal started
         started = True
         _release_stderr()
-        from pipeline.writer import arrow_without_pandas  # here: importing it imports torch
+        from pipeline.layout import arrow_without_pandas
 
         arrow_without_pandas()
         message = None
@@ -81,7 +82,7 @@ def run_job(task: Callable[[DictConfig], int], config_name: str = "config") -> N
             _fail(message, code)
         sys.exit(code)
 
-    sys.argv[1:] = [quote_brace_pattern(a) for a in sys.argv[1:]]
+    sys.argv[1:] = [quote_verbatim(a, verbatim) or quote_brace_pattern(a) for a in sys.argv[1:]]
     _hold_stderr()
     try:
         hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(main)()
@@ -136,6 +137,17 @@ def quote_brace_pattern(arg: str) -> str:
     if not sep or "{" not in value or "${" in value or value[:1] in "'\"[{":
         return arg
     return f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+
+
+def quote_verbatim(arg: str, keys: tuple[str, ...]) -> str | None:
+    """`where=score > 5 AND caption LIKE '%dog%'` as typed in a shell: one quoted string for Hydra, its
+    quotes and backslashes escaped. None for other arguments."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") not in keys:
+        return None
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # quoted for Hydra already
+        return arg
+    return f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _fail(message: str, code: int) -> None:

@@ -8,9 +8,11 @@ standard environment and config files (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID …, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +20,42 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 
 TMP_MARK = ".tmp-"
+
+# --- the names in an output folder: built here only ---------------------------------------------------
+# Shard files are `<shard>.parquet`; every other name starts with `_`, which Parquet readers skip.
+SHARD_SUFFIX = ".parquet"
+METRICS_DIR = "_metrics"
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+REPORT_DIR = "_report"
+REPORT_PAGE = f"{REPORT_DIR}/index.html"
+LOGS_DIR = "_logs"
+
+
+def shard_file(shard: str) -> str:
+    return f"{shard}{SHARD_SUFFIX}"
+
+
+def shard_of(name: str) -> str | None:
+    """The shard a name in the output folder is the file of; None for the `_` extras and temporaries."""
+    if not name.endswith(SHARD_SUFFIX) or name.startswith(("_", ".")) or "/" in name:
+        return None
+    return name[: -len(SHARD_SUFFIX)]
+
+
+def metrics_file(rank: int) -> str:
+    """A rank's metrics, refreshed while it runs."""
+    return f"{METRICS_DIR}/rank-{rank:05d}.json"
+
+
+def record_file(rank: int) -> str:
+    """A rank's completion record, written at its end."""
+    return f"{METRICS_DIR}/done-{rank:05d}.json"
+
+
+def verify_record_file(rank: int) -> str:
+    """What a rank of `jobs.verify` found in its share of the shards."""
+    return f"{METRICS_DIR}/verify-{rank:05d}.json"
 
 
 def is_url(path: str) -> bool:
@@ -79,14 +117,16 @@ def object_version(url: str) -> tuple[int, str]:
 
 
 class OutputLayout:
-    """The output folder: `<shard>.parquet` files, and `_`-prefixed names Parquet readers skip."""
+    """A folder of the job's files, local or in object storage: every read and write of an output folder
+    (and of `jobs.select`'s new shards) goes through here, and every write of a whole file is atomic."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, create: bool = True):
+        """`create`: make a local folder that does not exist yet (a reading job does not)."""
         self.root = root.rstrip("/") or root
         self.remote = is_url(root)
         if self.remote:
             self.fs, self.base = filesystem(self.root)
-        else:
+        elif create:
             os.makedirs(self.root, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -108,6 +148,45 @@ class OutputLayout:
                 return []
         target = os.path.join(self.root, folder)
         return sorted(os.listdir(target)) if os.path.isdir(target) else []
+
+    def shard_files(self) -> list[str]:
+        """The names of the committed shard files, sorted."""
+        return [n for n in self.listdir() if shard_of(n) is not None]
+
+    def size(self, name: str) -> int | None:
+        """A file's size in bytes; None when it does not exist."""
+        try:
+            return int(self.fs.info(self._inner(name))["size"]) if self.remote else os.path.getsize(self.path(name))
+        except FileNotFoundError:
+            return None
+
+    def newest(self, names: list[str]) -> str:
+        """The most recently written of `names`."""
+        if not self.remote:
+            return max(names, key=lambda n: os.path.getmtime(self.path(n)))
+        listed = {posixpath.basename(e["name"]): e for e in self.fs.ls(self.base, detail=True, refresh=True)}
+        return max(names, key=lambda n: str((listed.get(n) or {}).get("LastModified") or (listed.get(n) or {}).get("mtime") or ""))
+
+    def open_read(self, name: str):
+        return self.fs.open(self._inner(name), "rb") if self.remote else open(self.path(name), "rb")
+
+    def arrow_source(self, name: str) -> tuple[str, object]:
+        """(path, filesystem) for pyarrow's readers: the local path and None, or the object and fsspec's."""
+        return (self._inner(name), self.fs) if self.remote else (self.path(name), None)
+
+    def read_rank_files(self, name_for) -> list[dict]:
+        """Every rank's file of one kind (`name_for`: `metrics_file`, `record_file` …), read; a file being
+        replaced right now, or damaged, is left out (that rank is not counted)."""
+        folder, pattern = name_for(0).rsplit("/", 1)
+        prefix, suffix = pattern.split("0" * 5)
+        found = []
+        for name in self.listdir(folder):
+            if name.startswith(prefix) and name.endswith(suffix):
+                try:
+                    found.append(self.read_json(f"{folder}/{name}"))
+                except (OSError, ValueError):
+                    continue
+        return found
 
     def read_json(self, name: str) -> dict:
         if self.remote:
@@ -139,6 +218,33 @@ class OutputLayout:
             raise
         return path
 
+    @contextlib.contextmanager
+    def open_atomic(self, name: str, buffering: int = -1):
+        """A binary file to stream a large file into: it appears whole when the block ends without an
+        error, and not at all otherwise (locally a synced temporary file renamed into place; in object
+        storage a multipart upload, completed on close and aborted on an error)."""
+        if self.remote:
+            f = self.fs.open(self._inner(name), "wb")
+            try:
+                yield f
+            except BaseException:
+                f.discard()
+                raise
+            f.close()
+            return
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        try:
+            with open(tmp, "wb", buffering=buffering) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
     def write_new(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist yet; False if it did. Locally exclusive (a hard link of a
         complete temporary file, so of two ranks exactly one wins); in object storage a check, then a PUT."""
@@ -168,19 +274,17 @@ class OutputLayout:
 
     def read_footer(self, name: str) -> tuple[pq.FileMetaData | None, str]:
         """(footer, "") or (None, why not)."""
-        if not self.exists(name):
-            return None, "no output yet"
+        path, fs = self.arrow_source(name)
         try:
-            if self.remote:
-                return pq.read_metadata(self._inner(name), filesystem=self.fs), ""
-            return pq.read_metadata(self.path(name)), ""
+            return pq.read_metadata(path, filesystem=fs), ""
+        except FileNotFoundError:
+            return None, "no output yet"
         except Exception as e:
             return None, f"unreadable parquet ({type(e).__name__})"
 
     def read_table(self, name: str, columns: list[str]) -> pa.Table:
-        if self.remote:
-            return pq.read_table(self._inner(name), columns=columns, filesystem=self.fs)
-        return pq.read_table(self.path(name), columns=columns)
+        path, fs = self.arrow_source(name)
+        return pq.read_table(path, columns=columns, filesystem=fs)
 
     def remove(self, name: str) -> None:
         try:
@@ -212,5 +316,27 @@ def local_logs_dir(output_dir: str) -> str:
     """Where Hydra's run logs go: `<output.dir>/_logs` on a file system; for an object-storage output,
     a local folder (`./outputs/logs/<bucket>/<prefix>`), as Hydra writes its logs with plain files."""
     if not is_url(output_dir):
-        return f"{output_dir.rstrip('/')}/_logs"
+        return f"{output_dir.rstrip('/')}/{LOGS_DIR}"
     return os.path.join(os.getcwd(), "outputs", "logs", output_dir.split("://", 1)[1].strip("/"))
+
+
+class _NoPandas:
+    """An import finder that refuses pandas, for `arrow_without_pandas`."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not imported for pyarrow's first array")
+
+
+def arrow_without_pandas() -> None:
+    """pyarrow imports pandas (~0.5 s here) the first time it builds an array, only to ask whether its
+    input is a pandas object; a job never passes one. Let that first question find no pandas: pyarrow
+    then stops asking, and still imports pandas when something converts to pandas later."""
+    if "pandas" in sys.modules:
+        return
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_NoPandas)

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import device as dev
+from pipeline.layout import metrics_file
 from pipeline.manifest import format_eta
 
 
@@ -131,10 +132,6 @@ class Meter:
         }
 
 
-def metrics_name(rank: int) -> str:
-    return f"_metrics/rank-{rank:05d}.json"
-
-
 def write_metrics(layout, rank: int, metrics: dict) -> str:
     """`_metrics/rank-NNNNN.json` in the output folder (an OutputLayout), replaced atomically."""
-    return layout.write_json(metrics_name(rank), metrics)
+    return layout.write_json(metrics_file(rank), metrics)

@@ -11,8 +11,8 @@ its charts embedded, readable offline; headless Chromium can render it to a PNG.
 from __future__ import annotations
 
 import collections
-import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,17 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from pipeline.errors import UserError
 from pipeline.bench.report import pyplot
+from pipeline.completeness import stored_metadata
+from pipeline.errors import UserError
+from pipeline.layout import MANIFEST, REPORT_PAGE, SUCCESS, OutputLayout, is_url, metrics_file
 from pipeline.report_page import CHROMIUMS, find_chromium, render_html, screenshot
 
-# The names pipeline.writer and pipeline.manifest use; they import torch (through pipeline.batch), which
-# a report needs neither the module nor the seconds of start-up of. tests/test_report.py checks they agree.
-META_KEY = b"shardscore"
-SUCCESS, MANIFEST, METRICS_DIR = "_SUCCESS", "_manifest.json", "_metrics"
-REPORT_DIR = "_report"
 SHARDS_LISTED = 10  # shards with the most error rows
 
 
@@ -87,17 +83,11 @@ class Histogram:
                 "counts": counts.tolist(), "values": int(self.counts.sum())}
 
 
-def shard_files(out_dir: str) -> list[str]:
-    """The committed shard files: `*.parquet`, without `_` extras and the `.` files being written."""
-    return sorted(e.path for e in os.scandir(out_dir)
-                  if e.is_file() and e.name.endswith(".parquet") and not e.name.startswith(("_", ".")))
-
-
-def scan(files: list[str], bins: int, models: list[str | None] = (None,)) -> dict:
+def scan(files: list[str], bins: int, models: list[str | None] = (None,), filesystem=None) -> dict:
     """Status counts per shard, and per model (None: the one-model form's unprefixed columns) its top-1
     class counts and histograms over every row, a batch at a time."""
     fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=["shard", "status"]))
-    dataset = ds.dataset(files, format=fmt)
+    dataset = ds.dataset(files, format=fmt, filesystem=filesystem)
     names = set(dataset.schema.names)
     if not {"shard", "status"} <= names:
         raise UserError(f"{files[0]} has no shard and status columns: not an output of jobs.score")
@@ -170,12 +160,9 @@ def _norms(embedding: pa.FixedSizeListArray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
 
 
-def current_metrics(out_dir: str) -> list[dict]:
+def current_metrics(layout: OutputLayout) -> list[dict]:
     """Each rank's `_metrics/rank-*.json` of the newest run's world size, by rank."""
-    folder = os.path.join(out_dir, METRICS_DIR)
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    found = [m for m in (_read_json(os.path.join(folder, n)) for n in names
-                         if n.startswith("rank-") and n.endswith(".json")) if m]
+    found = layout.read_rank_files(metrics_file)
     world = max(found, key=_updated).get("world_size") if found else None
     return sorted((m for m in found if m.get("world_size") == world), key=lambda m: m.get("rank", 0))
 
@@ -184,17 +171,17 @@ def _updated(metrics: dict) -> float:
     return metrics.get("updated_at") or metrics.get("finished_at") or 0.0
 
 
-def _read_json(path: str) -> dict:
+def _read_json(layout: OutputLayout, name: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # being replaced right now, or damaged
+        return layout.read_json(name)
+    except (OSError, ValueError):  # not there, being replaced right now, or damaged
         return {}
 
 
-def run_identity(files: list[str], metrics: list[dict]) -> dict:
+def run_identity(layout: OutputLayout, files: list[str], metrics: list[dict]) -> dict:
     """Model, precision, batch size and version from the newest shard file's metadata, else the metrics."""
-    stored = json.loads((pq.read_schema(max(files, key=os.path.getmtime)).metadata or {}).get(META_KEY, b"{}"))
+    meta, _ = layout.read_footer(layout.newest(files))
+    stored = stored_metadata(meta) if meta is not None else {}
     latest = max(metrics, key=_updated) if metrics else {}
     keys = ("model", "source", "weights", "precision", "batch_size", "outputs", "version", "models")
     return {key: stored.get(key, latest.get(key)) for key in keys}
@@ -232,17 +219,17 @@ def engine_stats(metrics: list[dict]) -> list[dict]:
     return list(stats.values())
 
 
-def run_state(out_dir: str, metrics: list[dict], written: int) -> tuple[str, str]:
+def run_state(layout: OutputLayout, metrics: list[dict], written: int) -> tuple[str, str]:
     """("in progress" | "complete" | "incomplete", one line saying so)."""
     running = [m for m in metrics if m.get("running")]
     world = metrics[0].get("world_size", len(metrics)) if metrics else None
-    expected = _read_json(os.path.join(out_dir, MANIFEST)).get("shards") or (
+    expected = _read_json(layout, MANIFEST).get("shards") or (
         sum(m.get("shards_assigned", 0) for m in metrics) if metrics and len(metrics) == world else None)
     shards = f"{written} of {expected} shards written" if expected else f"{written} shards written"
     if running:
         age = time.time() - max(_updated(m) for m in running)
         return "in progress", f"in progress: {len(running)} of {world} ranks running, {shards}, last update {age:.0f} s ago"
-    if os.path.exists(os.path.join(out_dir, SUCCESS)):
+    if layout.exists(SUCCESS):
         return "complete", f"complete (_SUCCESS), {shards}"
     return "incomplete", f"incomplete: no _SUCCESS and no rank running, {shards} (jobs.verify says what is missing)"
 
@@ -269,26 +256,26 @@ def write_report(settings: ReportSettings) -> dict:
     """Write `<output.dir>/_report/index.html` (and the screenshot, if asked for), print a short summary,
     and return the numbers it printed."""
     out = settings.output_dir
-    if "://" in out:
-        raise UserError(f"output.dir {out}: jobs.report reads a local (or mounted) folder, not a URL")
-    if not os.path.isdir(out):
+    if not is_url(out) and not os.path.isdir(out):
         raise UserError(f"output.dir {out} does not exist")
     chromium = find_chromium() if settings.screenshot else None
     if settings.screenshot and not chromium:
         raise UserError(f"report.screenshot needs Chromium: none of {', '.join(CHROMIUMS)} is on PATH")
     pyplot()  # matplotlib is an optional extra: say so before any work
-    files = shard_files(out)
+    layout = OutputLayout(out, create=False)
+    files = layout.shard_files()
     if not files:
         raise UserError(f"output.dir {out} holds no shard Parquet files (<shard>.parquet) yet")
-    metrics = current_metrics(out)
-    identity = run_identity(files, metrics)
-    found = scan(files, settings.bins, list(identity.get("models") or [None]))
-    state, detail = run_state(out, metrics, len(files))
+    metrics = current_metrics(layout)
+    identity = run_identity(layout, files, metrics)
+    sources = [layout.arrow_source(name) for name in files]
+    found = scan([path for path, _ in sources], settings.bins, list(identity.get("models") or [None]), sources[0][1])
+    state, detail = run_state(layout, metrics, len(files))
     statuses = sum(found["by_shard"].values(), collections.Counter())
     errors = {s: sum(n for k, n in c.items() if k != "ok") for s, c in found["by_shard"].items()}
     worst = sorted(((s, n) for s, n in errors.items() if n), key=lambda x: (-x[1], x[0]))[:SHARDS_LISTED]
     result = {
-        "output_dir": out, "html": os.path.join(out, REPORT_DIR, "index.html"), "screenshot": settings.screenshot,
+        "output_dir": out, "html": layout.path(REPORT_PAGE), "screenshot": settings.screenshot,
         "state": state, "state_detail": detail, "identity": identity,
         "rows": found["rows"], "shards": len(files),
         "status_counts": dict(sorted(statuses.items(), key=lambda x: (x[0] != "ok", -x[1], x[0]))),
@@ -303,13 +290,14 @@ def write_report(settings: ReportSettings) -> dict:
     }
     if list(found["models"]) == [None]:  # the one-model form: its charts' figures at the top level too
         result.update({k: v for k, v in result["models"][0].items() if k != "name"})
-    os.makedirs(os.path.dirname(result["html"]), exist_ok=True)
-    tmp = f"{result['html']}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_html(result))
-    os.replace(tmp, result["html"])  # a browser showing the page never reads half of it
+    page = render_html(result).encode()
+    layout.write_bytes(REPORT_PAGE, page, sync=False)  # atomic: a browser showing the page never reads half of it
     if chromium:
-        screenshot(chromium, result["html"], settings.screenshot)
+        with tempfile.TemporaryDirectory() as folder:  # Chromium reads a local copy (the page may be in S3)
+            local = os.path.join(folder, "index.html")
+            with open(local, "wb") as f:
+                f.write(page)
+            screenshot(chromium, local, settings.screenshot)
     print(format_summary(result), flush=True)
     return result
 

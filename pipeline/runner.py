@@ -27,9 +27,9 @@ from pipeline.engines import ENGINES, check_backend
 from pipeline.engines.build import attach_engines
 from pipeline.engines.calibrate import CalibrationImages
 from pipeline.errors import EXIT_FAILED, EXIT_OK, EXIT_REQUEUE, OutOfMemoryAtOneRow, UserError
-from pipeline.layout import OutputLayout
+from pipeline.layout import OutputLayout, metrics_file, shard_file, shard_of
 from pipeline.manifest import finish_rank, remove_success, run_key
-from pipeline.meter import Meter, metrics_name, write_metrics
+from pipeline.meter import Meter, write_metrics
 from pipeline.model import LoadedModel
 from pipeline.models import ModelSet, PlannedModel, load_models, model_identities, preprocessings
 from pipeline.sources import Builder
@@ -360,7 +360,7 @@ class Runner:
             # from planning (shard indexing included) to every file on disk
             "job_seconds": round(time.perf_counter() - p.started, 3), "finished_at": time.time(),
         }
-        if self._todo == 0 and not writer.failed and self.layout.exists(metrics_name(p.rank)):
+        if self._todo == 0 and not writer.failed and self.layout.exists(metrics_file(p.rank)):
             # Nothing was scored (a rerun over a complete output): the runs that did the work keep their record.
             log.info("nothing to score: this rank's metrics from the run that scored its shards are kept")
         else:
@@ -387,16 +387,16 @@ def _refuse_foreign_parquet(layout: OutputLayout, shards: list[Shard], run_shard
     (an img2dataset folder holds `00000.parquet`, say) stops the run before any work. This rank checks the
     files of its own shards and those no shard of the run would write; each rank checks its own. Returns
     the footers read, by shard name, for resume to use (a shard of ours without a file is not in it)."""
-    own = {f"{s.name}.parquet" for s in shards}
-    of_run = {f"{name}.parquet" for name in run_shards}
+    own = {s.name for s in shards}
+    of_run = set(run_shards)
     footers = {}
-    for name in layout.listdir():
-        if name.endswith(".parquet") and (name in own or name not in of_run):
+    for name in layout.shard_files():
+        if shard_of(name) in own or shard_of(name) not in of_run:
             meta, why = layout.read_footer(name)
             if meta is None or META_KEY not in (meta.metadata or {}):
                 raise UserError(f"output.dir holds {layout.path(name)}, a Parquet file shardscore did not write "
                                 f"({why or 'no shardscore metadata'}); move it away or choose another output.dir")
-            footers[name.removesuffix(".parquet")] = (meta, why)
+            footers[shard_of(name)] = (meta, why)
     return footers
 
 
@@ -415,7 +415,7 @@ def _shards_to_do(shards: list[Shard], writer: ShardWriter, overwrite: bool, foo
             continue
         kept, dropped = writer.kept_and_dropped(s.name, footer)
         if dropped:
-            raise UserError(f"{writer.layout.path(s.name + '.parquet')} holds model(s) {', '.join(dropped)} that this "
+            raise UserError(f"{writer.layout.path(shard_file(s.name))} holds model(s) {', '.join(dropped)} that this "
                             "run does not have: add them back to models:, or give output.overwrite=true to rescore "
                             "every shard without them")
         if kept:

@@ -215,6 +215,22 @@ def _open_remote_shard(path: str, cache_dir: str | None) -> Shard:
     return _indexed(path, name, idx, stale=not version or not os.path.exists(idx), size=size)
 
 
+def index_for(path: str, cache_dir: str | None = None) -> tuple[str | None, str]:
+    """(a shard's index file, "") or (None, why there is none): a fresh local index as it is, without
+    reading it through; anything else as `open_shard` opens it (indexing it first)."""
+    if not is_remote(path) and path.endswith(PLAIN_TAR):
+        idx = index_path_for(path, cache_dir)
+        try:
+            if _index_fresh(path, idx):
+                with open(idx, "rb") as f:
+                    if f.read(4).startswith(b"v1."):
+                        return idx, ""
+        except OSError:
+            pass
+    shard = open_shard(path, cache_dir)
+    return (None, shard.error) if shard.error else (shard.index_path, "")
+
+
 def _indexed(path: str, name: str, idx: str, stale: bool, size: int | None = None) -> Shard:
     """The Shard from its index (created first when `stale`), checked against the tar's end; a remote
     object's `size` stands in for reading its end marker."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,75 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.batch import OK, Rows
-from pipeline.layout import OutputLayout
+from pipeline.completeness import (  # noqa: F401 (the rule is part of the writer's contract)
+    IDENTITY_KEYS, META_KEY, kept_and_dropped, run_identity, shard_complete, stored_metadata)
+from pipeline.layout import OutputLayout, shard_file
 
 log = logging.getLogger(__name__)
 
-META_KEY = b"shardscore"
 MAX_PENDING_BYTES = 256 * 2**20  # tables handed to the writer thread and not yet on disk
 WRITE_THREADS = 2  # files encoded and synced at once (4 measured no faster at 3,000 shards: the CPUs are the limit)
-# What makes two runs' rows interchangeable: a file written under another identity is redone.
-# With several models, `models` holds each one's identity (the others are null): a file is then complete
-# when it holds every model of the run, and a model's columns can be kept when only others are missing.
-IDENTITY_KEYS = ("model", "source", "weights", "precision", "outputs", "preprocess", "models")
-
-
-class _NoPandas:
-    """An import finder that refuses pandas, for `arrow_without_pandas`."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ImportError("pandas is not imported for pyarrow's first array")
-
-
-def arrow_without_pandas() -> None:
-    """pyarrow imports pandas (~0.5 s here) the first time it builds an array, only to ask whether its
-    input is a pandas object; a job never passes one. Let that first question find no pandas: pyarrow
-    then stops asking, and still imports pandas when something converts to pandas later."""
-    if "pandas" in sys.modules:
-        return
-    sys.meta_path.insert(0, _NoPandas)
-    try:
-        pa.array([0])
-    finally:
-        sys.meta_path.remove(_NoPandas)
-
-
-def run_identity(metadata: dict) -> dict:
-    """The identity as stored in a file's metadata (JSON: tuples become lists), so the two compare."""
-    return json.loads(json.dumps({key: metadata.get(key) for key in IDENTITY_KEYS}, default=str))
-
-
-def stored_metadata(meta: pq.FileMetaData) -> dict:
-    return json.loads((meta.metadata or {}).get(META_KEY, b"{}"))
-
-
-def shard_complete(rows: int, stored: dict, expected_rows: int, identity: dict) -> tuple[bool, str]:
-    """The completeness rule: (done, why not). A shard's file is complete when its footer reads (giving
-    `rows` and its `stored` metadata), it holds the shard's row count, and it was written under the same
-    run identity (model, source, weights, precision, outputs, preprocessing)."""
-    if rows != expected_rows:
-        return False, f"{rows} rows, shard has {expected_rows}"
-    for key, value in identity.items():
-        if stored.get(key) != value:
-            return False, f"{key} was {stored.get(key)!r}, now {value!r}"
-    return True, ""
-
-
-def kept_and_dropped(stored: dict, identity: dict) -> tuple[set[str], list[str]]:
-    """(the run's models a file holds under the same identity, so their columns can be kept; the models it
-    holds that the run does not have). Between a one-model file and a run of several, or the reverse, every
-    model of the file is one the run does not have."""
-    mine, theirs = identity.get("models") or {}, stored.get("models") or {}
-    if not mine and not theirs:  # both of the one-model form: a file of another model is redone, as ever
-        return set(), []
-    if not mine or not theirs:
-        return set(), sorted(theirs) if theirs else [str(stored.get("model"))]
-    kept = {name for name, ident in mine.items() if theirs.get(name) == ident}
-    return kept, sorted(set(theirs) - set(mine))
-
-
 class CannotMerge(Exception):
     """A shard's existing file does not line up with the rows scored now (other keys or statuses)."""
 
@@ -150,7 +88,7 @@ class ShardWriter:
     def resume(self, shard: str, footer: tuple | None = None) -> tuple[bool, str]:
         """Is the shard's file already complete by the rule? If so it counts as committed. `footer` is
         `read_footer`'s answer when the caller already has it."""
-        meta, why = footer or self.layout.read_footer(f"{shard}.parquet")
+        meta, why = footer or self.layout.read_footer(shard_file(shard))
         if meta is None:
             return False, why
         stored = stored_metadata(meta)
@@ -181,7 +119,7 @@ class ShardWriter:
 
     def remove_stale_temporaries(self, shards: list[str]) -> None:
         """Temporary files a killed run left for these shards (never another rank's)."""
-        for name in self.layout.remove_stale_temporaries(tuple(f".{s}.parquet" for s in shards)):
+        for name in self.layout.remove_stale_temporaries(tuple(f".{shard_file(s)}" for s in shards)):
             log.info("removed leftover temporary file=%s", name)
 
     def add(self, rows: Rows, values: dict[str, np.ndarray]) -> None:
@@ -266,13 +204,13 @@ class ShardWriter:
         """`metadata`: given when the file's other columns are to be merged in first."""
         if metadata is not None:
             table = self._with_file_columns(shard, table).replace_schema_metadata(metadata)
-        path = self.layout.write_parquet(f"{shard}.parquet", table, **self._parquet_options)
+        path = self.layout.write_parquet(shard_file(shard), table, **self._parquet_options)
         log.debug("wrote shard=%s rows=%d path=%s", shard, table.num_rows, path)
 
     def _with_file_columns(self, shard: str, table: pa.Table) -> pa.Table:
         """The new rows with the columns not computed now taken from the shard's file, in the run's schema."""
         try:
-            old = self.layout.read_table(f"{shard}.parquet", ["key", "status", *self._from_file])
+            old = self.layout.read_table(shard_file(shard), ["key", "status", *self._from_file])
             lined_up = old.column("key").equals(table.column("key")) and old.column("status").equals(table.column("status"))
             if lined_up:
                 columns = [table.column(f.name) if f.name in table.schema.names else old.column(f.name)

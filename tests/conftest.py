@@ -79,7 +79,7 @@ def tiny_settings(shards, out, **kw):
 def verify_output(spec, out) -> tuple[bool, str]:
     """jobs.verify in-process: (complete, its printed table)."""
     from pipeline.layout import OutputLayout
-    from pipeline.manifest import verify
+    from pipeline.verify import verify
     from pipeline.shards import expand_shards
 
     complete, table, _ = verify(expand_shards(spec), OutputLayout(str(out)))

@@ -92,7 +92,7 @@ def test_a_job_builds_arrow_tables_without_importing_pandas():
     conversion to pandas still works."""
     code = (
         "import sys, pyarrow as pa\n"
-        "from pipeline.writer import arrow_without_pandas\n"
+        "from pipeline.layout import arrow_without_pandas\n"
         "arrow_without_pandas()\n"
         "table = pa.table({'key': pa.array(['a', 'b'], pa.string())})\n"
         "assert 'pandas' not in sys.modules, 'pandas imported'\n"

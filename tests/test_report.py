@@ -9,6 +9,8 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,7 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from pipeline.report import Histogram, ReportSettings, write_report
 from pipeline.report_page import find_chromium
 
@@ -282,11 +284,12 @@ def test_no_output_is_one_error_line(tmp_path, case):
     assert case == "empty" or not folder.exists()
 
 
-def test_constants_agree_with_the_writer_and_the_manifest():
-    from pipeline import manifest, report, writer
-
-    assert (report.META_KEY, report.SUCCESS, report.MANIFEST, report.METRICS_DIR) == \
-        (writer.META_KEY, manifest.SUCCESS, manifest.MANIFEST, manifest.METRICS_DIR)
+def test_the_reading_jobs_do_not_import_torch():
+    """Report, verify and select take their names from pipeline.layout and their rule from
+    pipeline.completeness: none of them waits seconds for torch to import."""
+    code = "import sys, pipeline.report, pipeline.verify, pipeline.select; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
 
 
 def test_screenshot_with_chromium(tmp_path, capsys):

@@ -1,0 +1,115 @@
+"""`jobs.bench mode=select`: a scored dataset of a million samples built here (tar shards with their
+index files, a complete score folder, img2dataset-style metadata Parquet beside the shards), then timed:
+`jobs.verify` over the scores, `jobs.select` with a predicate on two score columns, a keep-list joined
+with the metadata, and resharding 30 % of the samples against `cp` of the same bytes. Each measurement is
+a whole process (imports included), as a user would run it; medians over `rounds`, the steps interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.completeness import META_KEY
+from pipeline.layout import MANIFEST, SUCCESS, shard_file
+from pipeline.shard_index import create_index
+
+log = logging.getLogger(__name__)
+
+IDENTITY = {"model": "vit_b_16", "source": "torchvision", "weights": "IMAGENET1K_V1", "precision": "fp16",
+            "outputs": ["topk(5)", "score"], "preprocess": {"resize_size": 256, "crop_size": 224}, "models": None}
+
+
+@dataclass(frozen=True)
+class SelectBenchSettings:
+    samples: int = 1_000_000
+    shard_size: int = 10_000
+    payload_bytes: int = 1_500  # the image component of each sample (random bytes: nothing decodes them)
+    fraction: float = 0.3  # of the samples the reshard keeps
+    rounds: int = 3
+    folder: str = "/tmp/shardscore-bench-select"  # the dataset is built once and kept here
+
+
+def make_dataset(root: str, samples: int, shard_size: int, payload: int, workers: int = 2) -> dict:
+    """Shards `shards/part-NNNNNN.tar` (an image and a json component per sample) with index files,
+    their scores `scores/` (complete, with `_SUCCESS`) and metadata `meta/`; kept when already built."""
+    done = os.path.join(root, "dataset.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    shards = -(-samples // shard_size)
+    for sub in ("shards", "scores", "meta"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_make_shard, [(root, s, shard_size, min(shard_size, samples - s * shard_size), payload)
+                                    for s in range(shards)]))
+    names = [f"part-{s:06d}" for s in range(shards)]
+    manifest = {"complete": True, "shards": shards, "shards_done": shards, "rows": samples, "failed": {},
+                "remaining": [], **IDENTITY}
+    for name in (MANIFEST, SUCCESS):
+        with open(os.path.join(root, "scores", name), "w") as f:
+            json.dump(manifest, f)
+    info = {"root": root, "samples": samples, "shards": names, "shard_size": shard_size,
+            "tar_bytes": sum(os.path.getsize(os.path.join(root, "shards", f"{n}.tar")) for n in names)}
+    json.dump(info, open(done, "w"))
+    return info
+
+
+def _make_shard(args) -> None:
+    root, s, size, n, payload = args
+    rng = np.random.default_rng(s)
+    name = f"part-{s:06d}"
+    keys = [f"{s:06d}{i:05d}" for i in range(n)]
+    noise = rng.bytes(payload * 4)
+    tar = os.path.join(root, "shards", f"{name}.tar")
+    with open(tar, "wb") as f:
+        for i, key in enumerate(keys):
+            start = int(rng.integers(0, payload * 3))
+            jpg = b"\xff\xd8\xff" + noise[start:start + payload - 3]
+            meta = json.dumps({"key": key, "caption": f"photo {i}"}).encode()
+            for ext, data in (("jpg", jpg), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+                f.write(info.tobuf(tarfile.USTAR_FORMAT))
+                f.write(data + bytes(-len(data) % 512))
+        f.write(bytes(1024))
+    create_index(tar, os.path.join(root, "shards", f"{name}.idx"))
+    ok = rng.random(n) >= 0.02
+    status = np.where(ok, "ok", "decode_error")
+    score = rng.normal(5.0, 1.0, n).astype(np.float32)
+    top1 = rng.beta(4, 1.5, n).astype(np.float32)
+    index = rng.integers(0, 1000, (n, 5)).astype(np.int32)
+    offsets = pa.array(np.arange(0, 5 * n + 1, 5, dtype=np.int32))
+    prob = (top1[:, None] * 0.5 ** np.arange(5, dtype=np.float32)).reshape(-1)
+    mask = pa.array(~ok)
+    table = pa.table({
+        "key": pa.array(keys), "shard": pa.repeat(pa.scalar(name), n), "label": pa.nulls(n, pa.int64()),
+        "status": pa.array(status), "error": pa.array(np.where(ok, None, "decode_error: not a JPEG")),
+        "topk_index": pa.ListArray.from_arrays(offsets, pa.array(index.reshape(-1)), mask=mask),
+        "topk_prob": pa.ListArray.from_arrays(offsets, pa.array(prob), mask=mask),
+        "score": pa.array(score, mask=~ok),
+    })
+    stored = {**IDENTITY, "batch_size": 256, "version": "0.1.0", "rows": n,
+              "status_counts": {"ok": int(ok.sum()), **({"decode_error": int(n - ok.sum())} if n > ok.sum() else {})},
+              "config": {"data": {"shards": os.path.join(root, "shards", "part-*.tar")}}}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(stored).encode()})
+    pq.write_table(table, os.path.join(root, "scores", shard_file(name)), compression="zstd",
+                   use_dictionary=["shard", "status"], write_statistics=["key", "shard", "label", "status"])
+    width = rng.integers(64, 2048, n)
+    meta = pa.table({"key": pa.array(keys), "url": pc.binary_join_element_wise("https://example.com/", pa.array(keys), ""),
+                     "caption": pa.array([f"photo {i}" for i in range(n)]), "width": pa.array(width),
+                     "height": pa.array(rng.integers(64, 2048, n)), "sha256": pa.array([f"{k:0>64}" for k in keys])})
+    pq.write_table(meta, os.path.join(root, "meta", f"{name}.parquet"), compression="zstd")

@@ -1,0 +1,470 @@
+"""New WebDataset shards of the selected samples, copied by byte ranges: for each sample, its tar headers
+and data as they lie in the source shard (found through the shard's index file), nothing decoded or
+encoded. Each new shard `<prefix>-NNNNNN.tar` holds `shard_size` samples in the selection's order and
+gets its index file, so shardscore, webdataset and DALI read it as they read the originals.
+
+Resumable: the selection is fixed once (`_selection.parquet` in the new folder) and a new shard is
+complete when its index file exists, written after the tar (and its scores) are in place; a rerun
+writes only the shards that are not, and one over a finished folder (`_SUCCESS`) does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import mmap
+import logging
+import os
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.cluster import cpus_available
+from pipeline.errors import UserError
+from pipeline.layout import SUCCESS, OutputLayout, is_url
+from pipeline.select import META_KEY, BATCH_ROWS, connect, query, run_query, write_selection
+from pipeline.shard_index import INDEX_VERSION, index_lines, spans
+
+log = logging.getLogger(__name__)
+
+SELECTION = "_selection.parquet"
+PROGRESS_EVERY_S = 10.0
+GATHER = 1024  # buffers per writev (the system's IOV_MAX)
+ROW_COLUMNS = ("key", "shard", "file_row_number")  # not part of a sample's scores
+
+
+def reshard(settings, scores, metadata: dict) -> dict:
+    """Write (or finish) the new shards; returns the counts for the summary."""
+    r = settings.reshard
+    out = OutputLayout(r.dir)
+    for name in out.remove_stale_temporaries((".",)):
+        log.info("removed leftover temporary file=%s", name)
+    plan = {"where": settings.where, "join": settings.join, "join_on": settings.join_on, "scores": settings.output_dir,
+            "identity": scores.identity, "shard_size": r.shard_size, "prefix": r.prefix, "scores_as": r.scores}
+    if out.exists(SUCCESS) and not r.overwrite:
+        done = out.read_json(SUCCESS)
+        if done.get("plan") == plan:
+            log.info("reshard.dir %s is complete already: nothing to do", r.dir)
+            return {**done["summary"], "shards_written": 0, "shards_kept": done["summary"]["shards"], "bytes_written": 0}
+    if out.exists(SELECTION):
+        stored = _stored(out)
+        if stored.get("plan") != plan:
+            if not r.overwrite:
+                raise UserError(f"reshard.dir {r.dir} holds the shards of another selection ({_differs(stored.get('plan') or {}, plan)}); "
+                                "choose another reshard.dir, or give reshard.overwrite=true to replace them")
+            _clear(out, r.prefix)
+    if not out.exists(SELECTION):
+        con = connect(settings, settings.output_dir, settings.join or "")
+        columns = "*" if r.scores != "none" else "key, shard"
+        reader = run_query(con, query(scores, settings, columns), settings.where)
+        rows = write_selection(out, SELECTION, reader, {**metadata, "plan": plan})
+        log.info("selection rows=%d written to %s", rows, out.path(SELECTION))
+    summary = _copy_all(out, settings, scores)
+    summary["reshard_dir"] = r.dir
+    out.write_json(SUCCESS, {"plan": plan, "summary": {k: v for k, v in summary.items()
+                                                        if k not in ("shards_written", "shards_kept", "bytes_written")},
+                             "finished_at": time.time()})
+    return summary
+
+
+def _stored(out: OutputLayout) -> dict:
+    meta, why = out.read_footer(SELECTION)
+    if meta is None:
+        return {}
+    return json.loads((meta.metadata or {}).get(META_KEY, b"{}"))
+
+
+def _differs(old: dict, new: dict) -> str:
+    key = next((k for k in new if old.get(k) != new[k]), "plan")
+    return f"{key} was {old.get(key)!r}, now {new[key]!r}"
+
+
+def _clear(out: OutputLayout, prefix: str) -> None:
+    for name in out.listdir():
+        if name.startswith(f"{prefix}-") or name in (SELECTION, SUCCESS):
+            out.remove(name)
+
+
+def _copy_all(out: OutputLayout, settings, scores) -> dict:
+    r = settings.reshard
+    selection = pq.ParquetFile(out.open_read(SELECTION))
+    total = selection.metadata.num_rows
+    count = -(-total // r.shard_size)
+    names = [f"{r.prefix}-{i:06d}" for i in range(count)]
+    present = set(out.listdir())
+    finished = {n for n in names if f"{n}.idx" in present and f"{n}.tar" in present}
+    paths = shard_paths(settings, scores)
+    workers = r.workers or cpus_available()
+    local = threading.local()  # each thread its own source shard open: output shards are written side by side
+
+    def write(i: int, table: pa.Table) -> int:
+        if not hasattr(local, "sources"):
+            local.sources = Sources(paths, settings.index_cache_dir)
+        size = write_shard(out, names[i], table, local.sources, r.scores)
+        if r.debug_delay_s:
+            time.sleep(r.debug_delay_s)
+        return size
+
+    written = bytes_written = 0
+    last_log = time.monotonic()
+    with ThreadPoolExecutor(workers, thread_name_prefix="shardscore-reshard") as pool:
+        pending: collections.deque = collections.deque()
+        for i, table in enumerate(_slices(selection, r.shard_size)):
+            if names[i] not in finished:
+                pending.append((i, pool.submit(write, i, table)))
+            while pending and (len(pending) > workers or pending[0][1].done()):
+                done, future = pending.popleft()
+                bytes_written += future.result()
+                written += 1
+                if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                    last_log = time.monotonic()
+                    log.info("reshard shards=%d/%d written=%d samples=%d bytes=%d", done + 1, count, written,
+                             min(total, (done + 1) * r.shard_size), bytes_written)
+        for _, future in pending:
+            bytes_written += future.result()
+            written += 1
+    return {"samples": total, "shards": count, "shards_written": written, "shards_kept": len(finished),
+            "bytes_written": bytes_written}
+
+
+def _slices(selection: pq.ParquetFile, size: int):
+    """The selection, `size` rows at a time, as tables."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in selection.iter_batches(BATCH_ROWS):
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= size:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, size)
+            rest = table.slice(size)
+            pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending)
+
+
+def shard_paths(settings, scores) -> dict[str, str]:
+    """The scored shards' paths by name."""
+    from pipeline.shards import expand_shards, shard_name
+
+    spec = settings.shards or (scores.config.get("data") or {}).get("shards")
+    if not spec:
+        raise UserError("resharding needs the scored shards: give data.shards=… (the scores do not say them)")
+    return {shard_name(p): p for p in expand_shards(spec)}
+
+
+class Sources:
+    """The scored shards by name, each one's index with where its components lie, opened as needed."""
+
+    def __init__(self, paths: dict[str, str], cache_dir: str | None):
+        self.paths, self.cache_dir = paths, cache_dir
+        self._name, self._keys, self._lines, self._file = None, None, None, None
+        self.plain: PlainLayout | None = None
+        self.path = ""
+
+    def positions(self, shard: str, keys: list[str]) -> np.ndarray:
+        """Where the keys are in the shard's index."""
+        if shard != self._name:
+            self._open(shard)
+        where = pc.index_in(pa.array(keys, pa.string()), value_set=self._keys)
+        if where.null_count:
+            missing = keys[where.is_null().to_pylist().index(True)]
+            raise UserError(f"shard {shard} ({self.paths[shard]}) holds no sample {missing!r} any more: it changed "
+                            "after it was scored; score it again before selecting")
+        return where.to_numpy()
+
+    def samples(self, positions: np.ndarray, keys: list[str]) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """Each sample's [(extension, data offset, size), …] in the tar."""
+        return [(key, spans(line)) for key, line in zip(keys, self._lines.take(positions).to_pylist())]
+
+    def _open(self, shard: str) -> None:
+        from pipeline.shards import index_for
+
+        path = self.paths.get(shard)
+        if path is None:
+            raise UserError(f"the selection names shard {shard}, which data.shards does not hold")
+        if not path.endswith(".tar"):
+            raise UserError(f"shard {path}: resharding copies byte ranges of plain .tar shards, not compressed ones")
+        idx, why = index_for(path, self.cache_dir)
+        if idx is None:
+            raise UserError(f"shard {path}: {why}")
+        self.close()
+        self._keys, self._lines, _ = index_lines(idx)
+        self._name, self._file, self.path = shard, _RangeReader(path), path
+        self.plain = PlainLayout.of(self._lines)
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return self._file.read(ranges)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class PlainLayout:
+    """A shard whose samples all have the same number of components, laid out as plain ustar members one
+    after the other (what webdataset and img2dataset write): per sample, where its bytes begin and end,
+    and per component its extension, data offset, size and name, as arrays. Such samples are copied in
+    runs, and their index lines built by Arrow, with no Python work per sample."""
+
+    begin: np.ndarray  # the first header's offset
+    end: np.ndarray  # after the last component's padding
+    plain: np.ndarray  # bool: the sample's bytes are exactly its ustar headers, data and padding
+    offsets: np.ndarray  # [samples, components]
+    sizes: np.ndarray
+    exts: list[pa.Array]  # per component
+    names: list[pa.Array]
+
+    @classmethod
+    def of(cls, lines: pa.Array) -> PlainLayout | None:
+        if not len(lines):
+            return None
+        parts = pc.split_pattern(lines, " ")
+        width = pc.list_value_length(parts)
+        fields = int(pc.min(width).as_py())
+        if fields < 4 or fields % 4 or fields != pc.max(width).as_py():
+            return None
+        flat, n, c = parts.flatten(), len(lines), fields // 4
+        column = lambda k, j: flat.take(pa.array(np.arange(n) * fields + 4 * k + j))  # noqa: E731
+        offsets = np.stack([pc.cast(column(k, 1), pa.int64()).to_numpy() for k in range(c)], axis=1)
+        sizes = np.stack([pc.cast(column(k, 2), pa.int64()).to_numpy() for k in range(c)], axis=1)
+        padded_end = offsets + (sizes + 511) // 512 * 512
+        begin, end = offsets[:, 0] - 512, padded_end[:, -1]
+        plain = np.all(offsets[:, 1:] - 512 == padded_end[:, :-1], axis=1)
+        plain &= begin == np.concatenate([[0], end[:-1]])  # no other headers (pax, long names) in between
+        return cls(begin, end, plain, offsets, sizes, [column(k, 0) for k in range(c)], [column(k, 3) for k in range(c)])
+
+
+class _RangeReader:
+    """Byte ranges of one shard: views of a memory map locally (the page cache's bytes, not copied here),
+    a batch of concurrent range requests in object storage."""
+
+    def __init__(self, path: str):
+        self.path, self.map = path, None
+        if is_url(path):
+            from pipeline.layout import filesystem
+
+            self.fs, self.inner = filesystem(path)
+        else:
+            with open(path, "rb") as f:
+                self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+            self.view = memoryview(self.map)
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
+        """The ranges' bytes (sorted ranges); remote ones fetched in blocks that span many of them where
+        they lie close: a selection of small samples costs a few large requests, not one per sample."""
+        if self.map is not None:
+            return [self.view[a:b] for a, b in ranges]
+        blocks, members = _blocks(ranges)
+        data = self.fs.cat_ranges([self.inner] * len(blocks), [a for a, _ in blocks], [b for _, b in blocks])
+        views = []
+        for (start, _), block, (first, last) in zip(blocks, data, members):
+            view = memoryview(block)
+            views += [view[a - start:b - start] for a, b in ranges[first:last]]
+        return views
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.view.release()
+            self.map.close()
+
+
+BLOCK_BYTES = 8 << 20  # the largest read that covers several ranges
+BLOCK_WASTE = 4  # … when it reads at most this many times the bytes asked for
+
+
+def _blocks(ranges: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(reads covering the ranges, the [first, last) ranges each covers)."""
+    blocks: list[list[int]] = []
+    members: list[list[int]] = []
+    wanted = 0
+    for i, (a, b) in enumerate(ranges):
+        if blocks and b - blocks[-1][0] <= BLOCK_BYTES and (b - blocks[-1][0]) <= BLOCK_WASTE * (wanted + b - a):
+            blocks[-1][1] = max(blocks[-1][1], b)
+            members[-1][1] = i + 1
+            wanted += b - a
+        else:
+            blocks.append([a, b])
+            members.append([i, i + 1])
+            wanted = b - a
+    return [(a, b) for a, b in blocks], [(a, b) for a, b in members]
+
+
+def _padded(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources, scores_as: str) -> int:
+    """One new shard: the tar (atomically), its scores if asked, then its index. Returns the tar's bytes."""
+    shards, keys = table.column("shard").to_pylist(), table.column("key").to_pylist()
+    score_rows = _score_rows(table) if scores_as == "json" else None
+    with _TarOut(out, f"{name}.tar") as tar:
+        for shard, start, stop in _runs(shards):
+            where = sources.positions(shard, keys[start:stop])
+            plain = sources.plain
+            copied = score_rows is None and plain is not None and plain.plain[where].all() and \
+                _copy_plain(tar, sources, plain, where)
+            if not copied:
+                _copy_samples(tar, sources, sources.samples(where, keys[start:stop]),
+                              score_rows[start:stop] if score_rows is not None else None)
+            tar.flush()  # the views of this source's bytes are written before it may be closed
+    if scores_as == "parquet":
+        out.write_parquet(f"{name}.parquet", table.drop_columns([c for c in ("file_row_number",) if c in table.column_names]),
+                          compression="zstd")
+    out.write_bytes(f"{name}.idx", f"{INDEX_VERSION} {len(tar.lines)}\n{chr(10).join(tar.lines)}\n".encode(), sync=False)
+    return tar.pos
+
+
+def _copy_plain(tar: _TarOut, sources: Sources, plain: PlainLayout, where: np.ndarray) -> bool:
+    """Samples of a plain shard, copied as runs of bytes, their index lines built in Arrow. False (and
+    nothing written) when a run's first header is not what the index says (the shard changed)."""
+    begin, end = plain.begin[where], plain.end[where]
+    breaks = np.flatnonzero(begin[1:] != end[:-1]) + 1
+    firsts = np.concatenate([[0], breaks])
+    ranges = list(zip(begin[firsts].tolist(), end[np.concatenate([breaks - 1, [len(where) - 1]])].tolist()))
+    data = sources.read(ranges)
+    if sum(map(len, data)) != sum(b - a for a, b in ranges):
+        raise OSError(f"{sources.path}: shorter than its index says (the shard changed?)")
+    # The index is fresh (not older than the tar); that its headers are where it says is checked at both
+    # ends of the run, not at every sample.
+    for i in {0, len(ranges) - 1}:
+        header = bytes(data[i][:512])
+        if header[:100].rstrip(b"\0") != plain.names[0][int(where[firsts[i]])].as_py().encode() or header[345:346] != b"\0":
+            return False
+    starts = tar.pos + np.concatenate([[0], np.cumsum(end - begin)[:-1]])  # each sample's begin in the new tar
+    delta = starts - begin
+    columns = []
+    for k in range(plain.offsets.shape[1]):
+        columns += [plain.exts[k].take(pa.array(where)), pa.array(plain.offsets[where, k] + delta).cast(pa.string()),
+                    pa.array(plain.sizes[where, k]).cast(pa.string()), plain.names[k].take(pa.array(where))]
+    tar.write_all(data)
+    tar.lines += pc.binary_join_element_wise(*columns, " ").to_pylist()
+    return True
+
+
+def _copy_samples(tar: _TarOut, sources: Sources, samples: list, score_rows: list[str] | None) -> None:
+    """Sample by sample: verbatim where a sample's bytes are plain ustar members, under new headers where
+    not; with a `scores.json` component each when asked."""
+    ranges = [(comps[0][1] - 512, comps[-1][1] + _padded(comps[-1][2])) for _, comps in samples]
+    for i, ((key, comps), (begin, end), data) in enumerate(zip(samples, ranges, sources.read(ranges))):
+        if len(data) != end - begin:
+            raise OSError(f"{sources.path}: short read at byte {begin} (the shard changed?)")
+        view = memoryview(data)
+        if _verbatim(view, begin, key, comps):
+            tar.copy(view, begin, [(key, comps)])
+        else:  # headers other than plain ustar (pax, long names): the data as it is, under new ones
+            tar.add_sample(key, [(ext, view[off - begin: off - begin + size]) for ext, off, size in comps])
+        if score_rows is not None:
+            tar.add_component(key, "scores.json", score_rows[i].encode())
+
+
+class _TarOut:
+    """A tar being written atomically, with the index lines of what it holds. Bytes are gathered and
+    written many buffers to a system call (`writev`): samples of a few KB cost no call each."""
+
+    def __init__(self, out: OutputLayout, name: str):
+        self._opening = out.open_atomic(name, buffering=0)
+        self.lines: list[str] = []
+        self.pos = 0
+        self._pending: list = []
+
+    def __enter__(self):
+        self.f = self._opening.__enter__()
+        self._fd = self.f.fileno() if isinstance(self.f, io.FileIO) else None
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.write(bytes(1024))  # the end-of-archive marker
+            self.flush()
+        self._pending.clear()
+        return self._opening.__exit__(*exc)
+
+    def write(self, data) -> None:
+        self._pending.append(data)
+        self.pos += len(data)
+        if len(self._pending) >= GATHER:
+            self.flush()
+
+    def write_all(self, views: list) -> None:
+        for start in range(0, len(views), GATHER):
+            self._pending += views[start:start + GATHER]
+            self.pos += sum(map(len, views[start:start + GATHER]))
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is gathered (before the views it holds go: a source's memory map is closed)."""
+        pending, self._pending = self._pending, []
+        if self._fd is None:
+            for data in pending:
+                self.f.write(data)
+            return
+        while pending:
+            done, i = os.writev(self._fd, pending), 0
+            while i < len(pending) and done >= len(pending[i]):
+                done -= len(pending[i])
+                i += 1
+            pending = pending[i:]
+            if pending and done:  # a short write: the rest of that buffer next
+                pending[0] = memoryview(pending[0])[done:]
+
+    def copy(self, data, begin: int, samples: list) -> None:
+        """Bytes of the source from offset `begin`: `samples`' headers and data, as they lie there."""
+        for key, comps in samples:
+            self.lines.append(" ".join(f"{ext} {self.pos + off - begin} {size} {key}.{ext}" for ext, off, size in comps))
+        self.write(data)
+
+    def add_sample(self, key: str, comps: list[tuple[str, bytes]]) -> None:
+        self.lines.append(" ".join(self._member(f"{key}.{ext}", ext, data) for ext, data in comps))
+
+    def add_component(self, key: str, ext: str, data: bytes) -> None:
+        self.lines[-1] += " " + self._member(f"{key}.{ext}", ext, data)
+
+    def _member(self, name: str, ext: str, data) -> str:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        header = info.tobuf(tarfile.PAX_FORMAT)  # ustar when the name fits, pax records when it does not
+        at = self.pos + len(header)
+        for part in (header, data, bytes(-len(data) % 512)):
+            self.write(part)
+        return f"{ext} {at} {len(data)} {name}"
+
+
+def _runs(values: list[str]):
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield values[start], start, i
+            start = i
+
+
+def _verbatim(view, begin: int, key: str, comps: list[tuple[str, int, int]]) -> bool:
+    """The sample's bytes (in `view`, which starts at source offset `begin`) are plain ustar headers,
+    each followed by its component's data and padding, one after the other: then they are copied as
+    they are."""
+    expected = comps[0][1] - 512
+    for ext, off, size in comps:
+        if off - 512 != expected:
+            return False
+        header = bytes(view[off - 512 - begin: off - begin])
+        if header[156:157] not in (b"0", b"\0") or header[345:346] != b"\0" or \
+                header[0:100].rstrip(b"\0") != f"{key}.{ext}".encode() or int(header[124:136].strip(b" \0") or b"0", 8) != size:
+            return False
+        expected = off + _padded(size)
+    return True
+
+
+def _score_rows(table: pa.Table) -> list[str]:
+    """Each row's score columns as JSON."""
+    kept = table.drop_columns([c for c in ROW_COLUMNS if c in table.column_names])
+    return [json.dumps(row, default=str) for row in kept.to_pylist()]
