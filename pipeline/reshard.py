@@ -197,9 +197,9 @@ class Sources:
         if idx is None:
             raise UserError(f"shard {path}: {why}")
         self.close()
-        self._keys, self._lines, _ = index_lines(idx)
+        self._keys, self._lines, fields, _ = index_lines(idx)
         self._name, self._file, self.path = shard, _RangeReader(path), path
-        self.plain = PlainLayout.of(self._lines)
+        self.plain = PlainLayout.of(fields)
 
     def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         return self._file.read(ranges)
@@ -226,15 +226,15 @@ class PlainLayout:
     names: list[pa.Array]
 
     @classmethod
-    def of(cls, lines: pa.Array) -> PlainLayout | None:
-        if not len(lines):
+    def of(cls, parts: pa.ListArray) -> PlainLayout | None:
+        """From the index lines' fields."""
+        if not len(parts):
             return None
-        parts = pc.split_pattern(lines, " ")
         width = pc.list_value_length(parts)
         fields = int(pc.min(width).as_py())
         if fields < 4 or fields % 4 or fields != pc.max(width).as_py():
             return None
-        flat, n, c = parts.flatten(), len(lines), fields // 4
+        flat, n, c = parts.flatten(), len(parts), fields // 4
         column = lambda k, j: flat.take(pa.array(np.arange(n) * fields + 4 * k + j))  # noqa: E731
         offsets = np.stack([pc.cast(column(k, 1), pa.int64()).to_numpy() for k in range(c)], axis=1)
         sizes = np.stack([pc.cast(column(k, 2), pa.int64()).to_numpy() for k in range(c)], axis=1)
@@ -380,7 +380,7 @@ class _TarOut:
 
     def __enter__(self):
         self.f = self._opening.__enter__()
-        self._fd = self.f.fileno() if isinstance(self.f, io.FileIO) else None
+        self.fd = self.f.fileno() if isinstance(self.f, io.FileIO) else None
         return self
 
     def __exit__(self, *exc):
@@ -405,12 +405,12 @@ class _TarOut:
     def flush(self) -> None:
         """Write what is gathered (before the views it holds go: a source's memory map is closed)."""
         pending, self._pending = self._pending, []
-        if self._fd is None:
+        if self.fd is None:
             for data in pending:
                 self.f.write(data)
             return
         while pending:
-            done, i = os.writev(self._fd, pending), 0
+            done, i = os.writev(self.fd, pending), 0
             while i < len(pending) and done >= len(pending[i]):
                 done -= len(pending[i])
                 i += 1
