@@ -91,6 +91,47 @@ def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
     assert os.path.isdir(os.path.join(ROOT, "outputs", "logs", "data", "out-verify"))  # ./outputs/logs/<bucket>/<prefix>
 
 
+def test_report_verify_and_select_on_an_s3_output(s3, tmp_path):
+    """The reading jobs work on an s3:// output as on a folder: jobs.report writes its page into it,
+    jobs.verify checks it over processes, jobs.select writes a keep-list and new shards into S3."""
+    import tarfile
+
+    import webdataset as wds
+
+    fs, url = s3["fs"], "s3://data/out-read"
+    r = run_cli("jobs.score", *TINY, "data.shards=s3://data/in/part-*.tar", f"output.dir={url}",
+                f"data.index_cache_dir={tmp_path / 'idx'}", env=s3["env"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli("jobs.report", f"output.dir={url}", env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    assert "rows     20 in 3 shards" in r.stdout and f"{url}/_report/index.html" in r.stdout
+    fs.invalidate_cache()
+    assert fs.cat_file("data/out-read/_report/index.html").startswith(b"<!DOCTYPE html>")
+    r = run_cli("jobs.verify", "data.shards=s3://data/in/part-*.tar", f"output.dir={url}", "verify.workers=2",
+                f"data.index_cache_dir={tmp_path / 'idx'}", env=s3["env"])
+    assert r.returncode == 0 and "done 3" in r.stdout and r.stdout.strip().endswith("complete"), r.stdout + r.stderr
+    r = run_cli("jobs.select", f"output.dir={url}", "where=status = 'ok' AND key <> '000004'",
+                "keep_list=s3://data/sel/keep.parquet", "reshard.dir=s3://data/sel/new", "reshard.shard_size=6",
+                f"data.index_cache_dir={tmp_path / 'idx'}", env=s3["env"])
+    assert r.returncode == 0, r.stderr
+    fs.invalidate_cache()
+    keep = pq.read_table("data/sel/keep.parquet", filesystem=fs)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("data/sel/new"))
+    assert names == ["_SUCCESS", "_selection.parquet"] + [f"shard-{i:06d}.{e}" for i in range(4) for e in ("idx", "tar")]
+    local = tmp_path / "new"
+    fs.get("data/sel/new/", str(local), recursive=True)
+    got = {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+           for s in wds.WebDataset(sorted(str(p) for p in local.glob("*.tar")), shardshuffle=False, empty_check=False)}
+    originals: dict = {}
+    for path in s3["local"]:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                originals.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    assert sorted(got) == sorted(keep.column("key").to_pylist()) == sorted(k for k in originals if k != "000004")
+    assert all(got[k] == originals[k] for k in got)
+
+
 SLOW = ["debug=tiny", "model.resize_size=256", "model.crop_size=224", "batch_size=2", "loader.threads=1"]
 
 
