@@ -11,7 +11,7 @@ from pipeline.settings import ScoreSettings, from_mapping
 
 
 def main(cfg) -> int:
-    config = to_plain(cfg, drop=("paths", "hydra", "verify"))
+    config = to_plain(cfg)
     mode, bench = config.pop("mode"), from_mapping(BenchSettings, config.pop("bench"), "bench.")
     return run_bench(mode, from_mapping(ScoreSettings, config), bench, build=instantiate)
 

@@ -12,7 +12,7 @@ from pipeline.settings import ScoreSettings, from_mapping
 
 
 def main(cfg) -> int:
-    config = to_plain(cfg, drop=("paths", "hydra", "bench", "mode", "verify"))
+    config = to_plain(cfg, drop=("paths", "hydra", "bench", "mode"))
     settings = from_mapping(ScoreSettings, config)
     if settings.models:
         given = [o for o in task_overrides() if o.lstrip("+~").split("=")[0].split(".")[0] == "model"]

@@ -43,4 +43,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(main, config_name="verify")

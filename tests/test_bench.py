@@ -263,3 +263,14 @@ def test_models_mode_times_one_pass_against_three_runs(tmp_path, capsys):
     assert report["head_cost"]["job"] == round(head["job_seconds"] / embedder["job_seconds"], 3)
     assert all(x["rounds"][0]["rows_per_sec"] > 0 for x in v.values())
     assert "three runs / one pass" in r.stdout and report["preprocessings"][1] == [288, 256, "bicubic"]
+
+
+def test_select_mode_times_verify_select_join_and_reshard_against_cp(tmp_path, capsys):
+    ran = bench(tmp_path, capsys, "mode=select", "bench.select.samples=400", "bench.select.shard_size=100",
+                "bench.select.rounds=1", f"bench.select.folder={tmp_path / 'data'}", f"bench.out_dir={tmp_path}")
+    assert ran.returncode == 0
+    report = json.loads((tmp_path / "select.json").read_text())
+    assert set(report["medians"]) == {"verify", "select_two_columns", "join_metadata", "reshard", "cp", "cp_sync"}
+    assert 0.25 * 400 <= report["reshard_kept"] <= 0.35 * 400 and report["reshard_bytes"] > 100 * 1500
+    assert report["reshard_over_cp_sync"] == report["medians"]["reshard"] / report["medians"]["cp_sync"]
+    assert "cp + sync" in ran.stdout and not (tmp_path / "select-work").exists()

@@ -1,7 +1,7 @@
 """`jobs.bench`: how fast is the model alone (mode=sweep), how close does the whole job get to its
 ceilings (mode=e2e), what does the pipeline itself cost per row and per shard when decoding and
-the model are made nearly free (mode=overhead), does a rank's memory stay flat (mode=memory), and what does decoding once for several models save
-(mode=models)? The settings and the dispatch live here; each mode has
+the model are made nearly free (mode=overhead), does a rank's memory stay flat (mode=memory), what does decoding once for several models save
+(mode=models), and how fast are verify, select and resharding over a million rows (mode=select)? The settings and the dispatch live here; each mode has
 its module, and `report` draws their tables and plots.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from pipeline.bench.select import SelectBenchSettings
 from pipeline.errors import EXIT_FAILED, EXIT_OK, UserError
 from pipeline.settings import BACKENDS, PRECISIONS, ScoreSettings
 
-MODES = ("sweep", "e2e", "overhead", "memory", "models", "engines")
+MODES = ("sweep", "e2e", "overhead", "memory", "models", "engines", "select")
 E2E_VARIANTS = ("naive", "dataloader", "score_dali", "score_torch", "decode_only", "model_only")
 OVERHEAD_VARIANTS = ("bare_loop", "score_dali", "score_torch", "score_dali_embedding")
 
@@ -148,6 +149,7 @@ class BenchSettings:
     memory: MemorySettings = field(default_factory=MemorySettings)
     models: ModelsBenchSettings = field(default_factory=ModelsBenchSettings)
     engines: EnginesBenchSettings = field(default_factory=EnginesBenchSettings)
+    select: SelectBenchSettings = field(default_factory=SelectBenchSettings)
 
     def __post_init__(self):
         _check(bool(self.out_dir), "bench.out_dir is required")
@@ -185,6 +187,11 @@ def run_bench(mode: str, settings: ScoreSettings, bench: BenchSettings, build=No
         from pipeline.bench.engines import run_engines
 
         run_engines(settings, bench)
+        return EXIT_OK
+    if mode == "select":
+        from pipeline.bench.select import run_select
+
+        run_select(bench.select, bench.out_dir)
         return EXIT_OK
     if mode == "memory":
         from pipeline.bench.memory import run_memory

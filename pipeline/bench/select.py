@@ -43,6 +43,12 @@ class SelectBenchSettings:
     rounds: int = 3
     folder: str = "/tmp/shardscore-bench-select"  # the dataset is built once and kept here
 
+    def __post_init__(self):
+        from pipeline.errors import UserError
+
+        if min(self.samples, self.shard_size, self.payload_bytes, self.rounds) < 1 or not 0 < self.fraction < 1:
+            raise UserError("bench.select.samples, shard_size, payload_bytes and rounds must be >= 1, fraction in (0, 1)")
+
 
 def make_dataset(root: str, samples: int, shard_size: int, payload: int, workers: int = 2) -> dict:
     """Shards `shards/part-NNNNNN.tar` (an image and a json component per sample) with index files,
@@ -113,3 +119,65 @@ def _make_shard(args) -> None:
                      "caption": pa.array([f"photo {i}" for i in range(n)]), "width": pa.array(width),
                      "height": pa.array(rng.integers(64, 2048, n)), "sha256": pa.array([f"{k:0>64}" for k in keys])})
     pq.write_table(meta, os.path.join(root, "meta", f"{name}.parquet"), compression="zstd")
+
+
+def run_select(settings: SelectBenchSettings, out_dir: str) -> dict:
+    """Time verify, select, a join and a reshard against cp of the same bytes, whole processes, interleaved."""
+    from pipeline.bench.overhead import cpu_flags
+
+    data = make_dataset(settings.folder, settings.samples, settings.shard_size, settings.payload_bytes)
+    root, work = data["root"], os.path.join(out_dir, "select-work")
+    scores, shards = os.path.join(root, "scores"), os.path.join(root, "shards", "part-*.tar")
+    threshold = _threshold(scores, settings.fraction, data["samples"])
+    print(f"jobs.bench mode=select: {data['samples']:,} samples in {len(data['shards'])} shards "
+          f"({data['tar_bytes'] / 1e9:.2f} GB); {settings.rounds} rounds; cpu={cpu_flags()}", flush=True)
+    steps = {
+        "verify": ["jobs.verify", f"data.shards={shards}", f"output.dir={scores}"],
+        "select_two_columns": ["jobs.select", f"output.dir={scores}", "where=score > 6 AND topk_prob[1] > 0.5",
+                               f"keep_list={work}/keep.parquet"],
+        "join_metadata": ["jobs.select", f"output.dir={scores}", f"join={root}/meta/*.parquet", "where=width > 0",
+                          f"keep_list={work}/joined.parquet"],
+        "reshard": ["jobs.select", f"output.dir={scores}", f"where=score > {threshold:.4f}", f"reshard.dir={work}/new"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*steps, "cp", "cp_sync"]}
+    for _ in range(settings.rounds):
+        for name, args in steps.items():
+            shutil.rmtree(f"{work}/new", ignore_errors=True)
+            os.makedirs(work, exist_ok=True)
+            subprocess.run(["sync"], check=True)
+            started = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+            times[name].append(time.perf_counter() - started)
+            if r.returncode:
+                raise RuntimeError(f"{args[0]} failed: {r.stderr[-2000:]}")
+        # cp of exactly the bytes the reshard wrote (its tars), then sync: as durable as the reshard's fsyncs
+        tars = sorted(os.path.join(work, "new", n) for n in os.listdir(os.path.join(work, "new")) if n.endswith(".tar"))
+        copied = sum(os.path.getsize(t) for t in tars)
+        shutil.rmtree(f"{work}/cp", ignore_errors=True)
+        os.makedirs(f"{work}/cp")
+        subprocess.run(["sync"], check=True)
+        started = time.perf_counter()
+        subprocess.run(["cp", *tars, f"{work}/cp/"], check=True)
+        times["cp"].append(time.perf_counter() - started)
+        subprocess.run(["sync"], check=True)
+        times["cp_sync"].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    kept = pq.read_metadata(os.path.join(work, "new", "_selection.parquet")).num_rows
+    report = {"mode": "select", "cpu_flags": cpu_flags(), "samples": data["samples"], "shards": len(data["shards"]),
+              "reshard_kept": kept, "reshard_bytes": copied, "seconds": times, "medians": medians,
+              "reshard_over_cp": medians["reshard"] / medians["cp"],
+              "reshard_over_cp_sync": medians["reshard"] / medians["cp_sync"]}
+    with open(os.path.join(out_dir, "select.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    for name, values in times.items():
+        print(f"  {name:<20} median {medians[name]:6.2f} s   rounds {' '.join(f'{v:.2f}' for v in values)}")
+    print(f"  reshard: {kept:,} samples, {copied / 1e6:.0f} MB; {report['reshard_over_cp']:.2f}x cp, "
+          f"{report['reshard_over_cp_sync']:.2f}x cp + sync", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _threshold(scores: str, fraction: float, samples: int) -> float:
+    """The score above which `fraction` of all samples lie."""
+    values = np.sort(pq.read_table(scores, columns=["score"]).column("score").drop_null().to_numpy())
+    return float(values[len(values) - int(fraction * samples)])
