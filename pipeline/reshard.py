@@ -19,19 +19,20 @@ import os
 import tarfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.cluster import cpus_available
 from pipeline.errors import UserError
 from pipeline.layout import SUCCESS, OutputLayout, is_url
 from pipeline.select import META_KEY, BATCH_ROWS, connect, query, run_query, write_selection
-from pipeline.shard_index import INDEX_VERSION, index_lines, spans
+from pipeline.shard_index import INDEX_VERSION, index_lines, keys_of_names, spans
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,10 @@ def _copy_all(out: OutputLayout, settings, scores) -> dict:
     finished = {n for n in names if f"{n}.idx" in present and f"{n}.tar" in present}
     paths = shard_paths(settings, scores)
     workers = r.workers or cpus_available()
-    local = threading.local()  # each thread its own source shard open: output shards are written side by side
+    sources = Sources(paths, settings.index_cache_dir)
 
-    def write(i: int, table: pa.Table) -> int:
-        if not hasattr(local, "sources"):
-            local.sources = Sources(paths, settings.index_cache_dir)
-        size = write_shard(out, names[i], table, local.sources, r.scores)
+    def write(i: int, table: pa.Table) -> int:  # new shards are written side by side, by `workers` threads
+        size = write_shard(out, names[i], table, sources, r.scores)
         if r.debug_delay_s:
             time.sleep(r.debug_delay_s)
         return size
@@ -162,30 +161,34 @@ def shard_paths(settings, scores) -> dict[str, str]:
 
 
 class Sources:
-    """The scored shards by name, each one's index with where its components lie, opened as needed."""
+    """The scored shards by name; each one's index parsed once and its bytes mapped once, shared by the
+    threads that write new shards (consecutive new shards take from the same source shard)."""
+
+    KEEP = 8  # source shards held open
 
     def __init__(self, paths: dict[str, str], cache_dir: str | None):
         self.paths, self.cache_dir = paths, cache_dir
-        self._name, self._keys, self._lines, self._file = None, None, None, None
-        self.plain: PlainLayout | None = None
-        self.path = ""
+        self._open: collections.OrderedDict[str, Future] = collections.OrderedDict()
+        self._lock = threading.Lock()
 
-    def positions(self, shard: str, keys: list[str]) -> np.ndarray:
-        """Where the keys are in the shard's index."""
-        if shard != self._name:
-            self._open(shard)
-        where = pc.index_in(pa.array(keys, pa.string()), value_set=self._keys)
-        if where.null_count:
-            missing = keys[where.is_null().to_pylist().index(True)]
-            raise UserError(f"shard {shard} ({self.paths[shard]}) holds no sample {missing!r} any more: it changed "
-                            "after it was scored; score it again before selecting")
-        return where.to_numpy()
+    def get(self, shard: str) -> SourceShard:
+        """The shard, read by the first thread that asks for it (others wait for that one, not for the
+        reading of other shards)."""
+        with self._lock:
+            opening = self._open.get(shard)
+            first = opening is None
+            if first:
+                opening = self._open[shard] = Future()
+                while len(self._open) > self.KEEP:  # a dropped one is unmapped when no thread uses it any more
+                    self._open.popitem(last=False)
+        if first:
+            try:
+                opening.set_result(self._read(shard))
+            except BaseException as e:
+                opening.set_exception(e)
+        return opening.result()
 
-    def samples(self, positions: np.ndarray, keys: list[str]) -> list[tuple[str, list[tuple[str, int, int]]]]:
-        """Each sample's [(extension, data offset, size), …] in the tar."""
-        return [(key, spans(line)) for key, line in zip(keys, self._lines.take(positions).to_pylist())]
-
-    def _open(self, shard: str) -> None:
+    def _read(self, shard: str) -> SourceShard:
         from pipeline.shards import index_for
 
         path = self.paths.get(shard)
@@ -196,26 +199,83 @@ class Sources:
         idx, why = index_for(path, self.cache_dir)
         if idx is None:
             raise UserError(f"shard {path}: {why}")
-        self.close()
-        self._keys, self._lines, fields, _ = index_lines(idx)
-        self._name, self._file, self.path = shard, _RangeReader(path), path
-        self.plain = PlainLayout.of(fields)
+        return SourceShard.read(shard, path, idx)
 
-    def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return self._file.read(ranges)
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+@dataclass
+class SourceShard:
+    """A source shard's index (the samples' keys; where their components lie) and its bytes."""
+
+    name: str
+    path: str
+    keys: pa.Array
+    plain: PlainLayout | None  # the samples all have the same number of components
+    lines: pa.Array | None  # else: the index lines
+    reader: _RangeReader
+
+    @classmethod
+    def read(cls, name: str, path: str, idx: str) -> SourceShard:
+        columns = _uniform_index(idx)
+        if columns is None:
+            keys, lines, _, _ = index_lines(idx)
+            return cls(name, path, keys, None, lines, _RangeReader(path))
+        c = len(columns) // 4
+        plain = PlainLayout.of([columns[4 * k] for k in range(c)],
+                               np.stack([columns[4 * k + 1].to_numpy() for k in range(c)], axis=1),
+                               np.stack([columns[4 * k + 2].to_numpy() for k in range(c)], axis=1),
+                               [columns[4 * k + 3] for k in range(c)])
+        return cls(name, path, keys_of_names(columns[3]), plain, None, _RangeReader(path))
+
+    def positions(self, keys: list[str]) -> np.ndarray:
+        """Where the keys are in the shard's index."""
+        where = pc.index_in(pa.array(keys, pa.string()), value_set=self.keys)
+        if where.null_count:
+            missing = keys[where.is_null().to_pylist().index(True)]
+            raise UserError(f"shard {self.name} ({self.path}) holds no sample {missing!r} any more: it changed "
+                            "after it was scored; score it again before selecting")
+        return where.to_numpy()
+
+    def samples(self, where: np.ndarray, keys: list[str]) -> list[tuple[str, list[tuple[str, int, int]]]]:
+        """Each sample's [(extension, data offset, size), …] in the tar."""
+        if self.plain is None:
+            return [(key, spans(line)) for key, line in zip(keys, self.lines.take(pa.array(where)).to_pylist())]
+        p = self.plain
+        exts = [e.take(pa.array(where)).to_pylist() for e in p.exts]
+        offsets, sizes = p.offsets[where].tolist(), p.sizes[where].tolist()
+        return [(key, [(exts[k][i], offsets[i][k], sizes[i][k]) for k in range(len(exts))]) for i, key in enumerate(keys)]
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list:
+        return self.reader.read(ranges)
+
+
+def _uniform_index(idx: str) -> list[pa.Array] | None:
+    """An index file whose lines all have the same components, parsed as a space-separated table (in C,
+    where splitting the lines one by one cost most of a reshard's CPU); None for any other."""
+    with open(idx, "rb") as f:
+        header = f.readline().split()
+        body = f.read()
+    width = len(body[:body.find(b"\n")].split())
+    if len(header) != 2 or not header[0].startswith(b"v1.") or width < 4 or width % 4:
+        return None
+    names = [f"f{i}" for i in range(width)]
+    try:
+        table = pacsv.read_csv(io.BytesIO(body), read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+                               parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False),
+                               convert_options=pacsv.ConvertOptions(column_types={
+                                   n: pa.int64() if i % 4 in (1, 2) else pa.string() for i, n in enumerate(names)}))
+    except (pa.ArrowInvalid, ValueError):  # lines of other widths
+        return None
+    if table.num_rows != int(header[1]):
+        return None
+    return [table.column(n).combine_chunks() for n in names]
 
 
 @dataclass
 class PlainLayout:
-    """A shard whose samples all have the same number of components, laid out as plain ustar members one
-    after the other (what webdataset and img2dataset write): per sample, where its bytes begin and end,
-    and per component its extension, data offset, size and name, as arrays. Such samples are copied in
-    runs, and their index lines built by Arrow, with no Python work per sample."""
+    """A shard whose samples all have the same number of components (what webdataset and img2dataset
+    write): per sample, where its bytes begin and end and whether they are plain ustar members one after
+    the other, and per component its extension, data offset, size and name, as arrays. Plain samples are
+    copied in runs, their index lines built by Arrow, with no Python work per sample."""
 
     begin: np.ndarray  # the first header's offset
     end: np.ndarray  # after the last component's padding
@@ -226,23 +286,12 @@ class PlainLayout:
     names: list[pa.Array]
 
     @classmethod
-    def of(cls, parts: pa.ListArray) -> PlainLayout | None:
-        """From the index lines' fields."""
-        if not len(parts):
-            return None
-        width = pc.list_value_length(parts)
-        fields = int(pc.min(width).as_py())
-        if fields < 4 or fields % 4 or fields != pc.max(width).as_py():
-            return None
-        flat, n, c = parts.flatten(), len(parts), fields // 4
-        column = lambda k, j: flat.take(pa.array(np.arange(n) * fields + 4 * k + j))  # noqa: E731
-        offsets = np.stack([pc.cast(column(k, 1), pa.int64()).to_numpy() for k in range(c)], axis=1)
-        sizes = np.stack([pc.cast(column(k, 2), pa.int64()).to_numpy() for k in range(c)], axis=1)
+    def of(cls, exts: list[pa.Array], offsets: np.ndarray, sizes: np.ndarray, names: list[pa.Array]) -> PlainLayout:
         padded_end = offsets + (sizes + 511) // 512 * 512
         begin, end = offsets[:, 0] - 512, padded_end[:, -1]
         plain = np.all(offsets[:, 1:] - 512 == padded_end[:, :-1], axis=1)
         plain &= begin == np.concatenate([[0], end[:-1]])  # no other headers (pax, long names) in between
-        return cls(begin, end, plain, offsets, sizes, [column(k, 0) for k in range(c)], [column(k, 3) for k in range(c)])
+        return cls(begin, end, plain, offsets, sizes, exts, names)
 
 
 class _RangeReader:
@@ -310,14 +359,14 @@ def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources,
     score_rows = _score_rows(table) if scores_as == "json" else None
     with _TarOut(out, f"{name}.tar") as tar:
         for shard, start, stop in _runs(shards):
-            where = sources.positions(shard, keys[start:stop])
-            plain = sources.plain
-            copied = score_rows is None and plain is not None and plain.plain[where].all() and \
-                _copy_plain(tar, sources, plain, where)
+            source = sources.get(shard)
+            where = source.positions(keys[start:stop])
+            copied = score_rows is None and source.plain is not None and source.plain.plain[where].all() and \
+                _copy_plain(tar, source, where)
             if not copied:
-                _copy_samples(tar, sources, sources.samples(where, keys[start:stop]),
+                _copy_samples(tar, source, source.samples(where, keys[start:stop]),
                               score_rows[start:stop] if score_rows is not None else None)
-            tar.flush()  # the views of this source's bytes are written before it may be closed
+            tar.flush()  # the views of this source's bytes are written before it may be unmapped
     if scores_as == "parquet":
         out.write_parquet(f"{name}.parquet", table.drop_columns([c for c in ("file_row_number",) if c in table.column_names]),
                           compression="zstd")
@@ -325,16 +374,17 @@ def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources,
     return tar.pos
 
 
-def _copy_plain(tar: _TarOut, sources: Sources, plain: PlainLayout, where: np.ndarray) -> bool:
+def _copy_plain(tar: _TarOut, source: SourceShard, where: np.ndarray) -> bool:
     """Samples of a plain shard, copied as runs of bytes, their index lines built in Arrow. False (and
     nothing written) when a run's first header is not what the index says (the shard changed)."""
+    plain = source.plain
     begin, end = plain.begin[where], plain.end[where]
     breaks = np.flatnonzero(begin[1:] != end[:-1]) + 1
     firsts = np.concatenate([[0], breaks])
     ranges = list(zip(begin[firsts].tolist(), end[np.concatenate([breaks - 1, [len(where) - 1]])].tolist()))
-    data = sources.read(ranges)
+    data = source.read_ranges(ranges)
     if sum(map(len, data)) != sum(b - a for a, b in ranges):
-        raise OSError(f"{sources.path}: shorter than its index says (the shard changed?)")
+        raise OSError(f"{source.path}: shorter than its index says (the shard changed?)")
     # The index is fresh (not older than the tar); that its headers are where it says is checked at both
     # ends of the run, not at every sample.
     for i in {0, len(ranges) - 1}:
@@ -352,13 +402,13 @@ def _copy_plain(tar: _TarOut, sources: Sources, plain: PlainLayout, where: np.nd
     return True
 
 
-def _copy_samples(tar: _TarOut, sources: Sources, samples: list, score_rows: list[str] | None) -> None:
+def _copy_samples(tar: _TarOut, source: SourceShard, samples: list, score_rows: list[str] | None) -> None:
     """Sample by sample: verbatim where a sample's bytes are plain ustar members, under new headers where
     not; with a `scores.json` component each when asked."""
     ranges = [(comps[0][1] - 512, comps[-1][1] + _padded(comps[-1][2])) for _, comps in samples]
-    for i, ((key, comps), (begin, end), data) in enumerate(zip(samples, ranges, sources.read(ranges))):
+    for i, ((key, comps), (begin, end), data) in enumerate(zip(samples, ranges, source.read_ranges(ranges))):
         if len(data) != end - begin:
-            raise OSError(f"{sources.path}: short read at byte {begin} (the shard changed?)")
+            raise OSError(f"{source.path}: short read at byte {begin} (the shard changed?)")
         view = memoryview(data)
         if _verbatim(view, begin, key, comps):
             tar.copy(view, begin, [(key, comps)])

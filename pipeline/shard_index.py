@@ -137,15 +137,18 @@ def index_lines(idx: str) -> tuple[pa.Array, pa.Array, pa.Array, int]:
     if not len(lines):
         return pa.array([], pa.string()), lines, pa.array([], pa.list_(pa.string())), 0
     fields = pc.split_pattern(lines, " ")
-    names = pc.list_element(fields, 3)
-    if names.null_count or pc.any(pc.match_substring(names, "/")).as_py() or \
-            not pc.all(pc.match_substring(names, ".")).as_py():  # folders or no extension: split_key decides
-        keys = pa.array([split_key(n)[0] for n in names.to_pylist()], pa.string())
-    else:
-        keys = pc.list_element(pc.split_pattern(names, ".", max_splits=1), 0)
+    keys = keys_of_names(pc.list_element(fields, 3))
     last = lines[-1].as_py().split()
     end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 3, 4))
     return keys, lines, fields, end
+
+
+def keys_of_names(names: pa.Array) -> pa.Array:
+    """The keys of member names (each sample's first), by `split_key`'s rule."""
+    if names.null_count or pc.any(pc.match_substring(names, "/")).as_py() or \
+            not pc.all(pc.match_substring(names, ".")).as_py():  # folders or no extension: split_key decides
+        return pa.array([split_key(n)[0] for n in names.to_pylist()], pa.string())
+    return pc.list_element(pc.split_pattern(names, ".", max_splits=1), 0)
 
 
 def spans(line: str) -> list[tuple[str, int, int]]:
