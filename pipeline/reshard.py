@@ -306,7 +306,7 @@ class _RangeReader:
             self.fs, self.inner = filesystem(path)
         else:
             with open(path, "rb") as f:
-                self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.view = memoryview(self.map)
 
     def read(self, ranges: list[tuple[int, int]]) -> list[memoryview]:
