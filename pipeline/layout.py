@@ -219,10 +219,11 @@ class OutputLayout:
         return path
 
     @contextlib.contextmanager
-    def open_atomic(self, name: str, buffering: int = -1):
+    def open_atomic(self, name: str, buffering: int = -1, sync: bool = True):
         """A binary file to stream a large file into: it appears whole when the block ends without an
-        error, and not at all otherwise (locally a synced temporary file renamed into place; in object
-        storage a multipart upload, completed on close and aborted on an error)."""
+        error, and not at all otherwise (locally a temporary file renamed into place, synced first unless
+        `sync` is false; then `make_durable` before relying on it; in object storage a multipart upload,
+        completed on close and aborted on an error)."""
         if self.remote:
             f = self.fs.open(self._inner(name), "wb")
             try:
@@ -239,11 +240,22 @@ class OutputLayout:
             with open(tmp, "wb", buffering=buffering) as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    def make_durable(self, name: str) -> None:
+        """A local file written without syncing is on disk when this returns (object storage: already)."""
+        if self.remote:
+            return
+        fd = os.open(self.path(name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write_new(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist yet; False if it did. Locally exclusive (a hard link of a

@@ -105,9 +105,18 @@ def _copy_all(out: OutputLayout, settings, scores) -> dict:
     paths = shard_paths(settings, scores)
     workers = r.workers or cpus_available()
     sources = Sources(paths, settings.index_cache_dir)
+    # A new shard is committed (its tar synced, then its index written) by one thread of its own, in
+    # order, while the copying threads go on: they never wait for the disk.
+    committer = ThreadPoolExecutor(1, thread_name_prefix="shardscore-reshard-commit")
+    commits: list[Future] = []
+
+    def commit(name: str, index: bytes) -> None:
+        out.make_durable(f"{name}.tar")
+        out.write_bytes(f"{name}.idx", index, sync=False)
 
     def write(i: int, table: pa.Table) -> int:  # new shards are written side by side, by `workers` threads
-        size = write_shard(out, names[i], table, sources, r.scores)
+        size, index = write_shard(out, names[i], table, sources, r.scores)
+        commits.append(committer.submit(commit, names[i], index))
         if r.debug_delay_s:
             time.sleep(r.debug_delay_s)
         return size
@@ -130,6 +139,9 @@ def _copy_all(out: OutputLayout, settings, scores) -> dict:
         for _, future in pending:
             bytes_written += future.result()
             written += 1
+    with committer:
+        for future in commits:
+            future.result()
     return {"samples": total, "shards": count, "shards_written": written, "shards_kept": len(finished),
             "bytes_written": bytes_written}
 
@@ -353,8 +365,9 @@ def _padded(n: int) -> int:
     return (n + 511) // 512 * 512
 
 
-def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources, scores_as: str) -> int:
-    """One new shard: the tar (atomically), its scores if asked, then its index. Returns the tar's bytes."""
+def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources, scores_as: str) -> tuple[int, bytes]:
+    """One new shard's tar (renamed into place, not yet synced) and its scores if asked. Returns the
+    tar's bytes and its index file's content, to be written once the tar is on disk."""
     shards, keys = table.column("shard").to_pylist(), table.column("key").to_pylist()
     score_rows = _score_rows(table) if scores_as == "json" else None
     with _TarOut(out, f"{name}.tar") as tar:
@@ -370,8 +383,7 @@ def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources,
     if scores_as == "parquet":
         out.write_parquet(f"{name}.parquet", table.drop_columns([c for c in ("file_row_number",) if c in table.column_names]),
                           compression="zstd")
-    out.write_bytes(f"{name}.idx", f"{INDEX_VERSION} {len(tar.lines)}\n{chr(10).join(tar.lines)}\n".encode(), sync=False)
-    return tar.pos
+    return tar.pos, f"{INDEX_VERSION} {len(tar.lines)}\n{chr(10).join(tar.lines)}\n".encode()
 
 
 def _copy_plain(tar: _TarOut, source: SourceShard, where: np.ndarray) -> bool:
@@ -423,7 +435,7 @@ class _TarOut:
     written many buffers to a system call (`writev`): samples of a few KB cost no call each."""
 
     def __init__(self, out: OutputLayout, name: str):
-        self._opening = out.open_atomic(name, buffering=0)
+        self._opening = out.open_atomic(name, buffering=0, sync=False)
         self.lines: list[str] = []
         self.pos = 0
         self._pending: list = []
