@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -140,14 +141,17 @@ def quote_brace_pattern(arg: str) -> str:
 
 
 def quote_verbatim(arg: str, keys: tuple[str, ...]) -> str | None:
-    """`where=score > 5 AND caption LIKE '%dog%'` as typed in a shell: one quoted string for Hydra, its
-    quotes and backslashes escaped. None for other arguments."""
+    """`where=score > 5 AND caption LIKE '%dog%'` as typed in a shell: one double-quoted string for Hydra
+    that reads back as typed (its double quotes, the backslashes before them or at the end, and `${`
+    escaped). None for other arguments; a value already double-quoted for Hydra is left as it is."""
     key, sep, value = arg.partition("=")
     if not sep or key.lstrip("+") not in keys:
         return None
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # quoted for Hydra already
+    if len(value) >= 2 and value[0] == value[-1] == '"' and '"' not in value[1:-1].replace('\\"', ""):
         return arg
-    return f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    value = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value).replace("${", "\\${")
+    return f'{key}="{value}"'
 
 
 def _fail(message: str, code: int) -> None:

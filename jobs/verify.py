@@ -31,8 +31,14 @@ def main(cfg) -> int:
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise UserError(f"verify.workers={workers!r}: give a number of processes >= 1")
     rank, world = rank_and_world(from_mapping(DistSettings, config.get("dist") or {}, "dist."))
-    # A Slurm array's tasks share its job id: one verification, whatever records an earlier one left.
-    verification = str(verification or os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID") or "")
+    # The tasks of one Slurm array share its job id, the tasks of one srun step their job and step ids: one
+    # verification, whatever records an earlier one left. Ranks given by hand must name theirs.
+    env = os.environ
+    verification = str(verification or env.get("SLURM_ARRAY_JOB_ID")
+                       or (f"{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}" if "SLURM_STEP_ID" in env else ""))
+    if world > 1 and not verification:
+        raise UserError("verify.id=… is required with ranks outside a Slurm array or srun step: the same id on "
+                        "every rank of one verification, a new one for the next")
     layout = OutputLayout(out_dir)
     paths = expand_shards(config["data"]["shards"])
     complete, table, content = verify(paths, layout, config["data"].get("index_cache_dir"),

@@ -153,19 +153,18 @@ class OutputLayout:
         """The names of the committed shard files, sorted."""
         return [n for n in self.listdir() if shard_of(n) is not None]
 
-    def size(self, name: str) -> int | None:
-        """A file's size in bytes; None when it does not exist."""
-        try:
-            return int(self.fs.info(self._inner(name))["size"]) if self.remote else os.path.getsize(self.path(name))
-        except FileNotFoundError:
-            return None
-
     def newest(self, names: list[str]) -> str:
         """The most recently written of `names`."""
         if not self.remote:
             return max(names, key=lambda n: os.path.getmtime(self.path(n)))
         listed = {posixpath.basename(e["name"]): e for e in self.fs.ls(self.base, detail=True, refresh=True)}
-        return max(names, key=lambda n: str((listed.get(n) or {}).get("LastModified") or (listed.get(n) or {}).get("mtime") or ""))
+
+        def written(name: str) -> tuple:
+            entry = listed.get(name) or {}
+            when = entry.get("LastModified") or entry.get("mtime")
+            return (when.timestamp() if hasattr(when, "timestamp") else float(when or 0), name)
+
+        return max(names, key=written)
 
     def open_read(self, name: str):
         return self.fs.open(self._inner(name), "rb") if self.remote else open(self.path(name), "rb")
@@ -222,8 +221,8 @@ class OutputLayout:
     def open_atomic(self, name: str, buffering: int = -1, sync: bool = True):
         """A binary file to stream a large file into: it appears whole when the block ends without an
         error, and not at all otherwise (locally a temporary file renamed into place, synced first unless
-        `sync` is false; then `make_durable` before relying on it; in object storage a multipart upload,
-        completed on close and aborted on an error)."""
+        `sync` is false; then `make_durable` before relying on it; in S3 a multipart upload, completed on
+        close and aborted on an error; other fsspec stores may keep what was written before an error)."""
         if self.remote:
             f = self.fs.open(self._inner(name), "wb")
             try:

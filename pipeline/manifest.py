@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 
 from pipeline.completeness import run_identity
 from pipeline.layout import MANIFEST, SUCCESS, OutputLayout, metrics_file, record_file

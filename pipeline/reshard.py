@@ -61,15 +61,20 @@ def reshard(settings, scores, metadata: dict) -> dict:
             if not r.overwrite:
                 raise UserError(f"reshard.dir {r.dir} holds the shards of another selection ({_differs(stored.get('plan') or {}, plan)}); "
                                 "choose another reshard.dir, or give reshard.overwrite=true to replace them")
-            _clear(out, r.prefix)
+            _clear(out, {r.prefix, (stored.get("plan") or {}).get("prefix") or r.prefix})
     if not out.exists(SELECTION):
         con = connect(settings, settings.output_dir, settings.join or "")
         columns = "*" if r.scores != "none" else "key, shard"
-        reader = run_query(con, query(scores, settings, columns), settings.where)
-        rows = write_selection(out, SELECTION, reader, {**metadata, "plan": plan})
+        reader = run_query(con, query(scores, settings, columns), settings)
+        try:
+            rows = write_selection(out, SELECTION, reader, {**metadata, "plan": plan})
+        finally:
+            con.close()
         log.info("selection rows=%d written to %s", rows, out.path(SELECTION))
-    summary = _copy_all(out, settings, scores)
+    with out.open_read(SELECTION) as f:
+        summary = _copy_all(out, settings, scores, pq.ParquetFile(f))
     summary["reshard_dir"] = r.dir
+    out.sync()  # the renames of the new shards are on disk before _SUCCESS says they are done
     out.write_json(SUCCESS, {"plan": plan, "summary": {k: v for k, v in summary.items()
                                                         if k not in ("shards_written", "shards_kept", "bytes_written")},
                              "finished_at": time.time()})
@@ -88,15 +93,17 @@ def _differs(old: dict, new: dict) -> str:
     return f"{key} was {old.get(key)!r}, now {new[key]!r}"
 
 
-def _clear(out: OutputLayout, prefix: str) -> None:
-    for name in out.listdir():
-        if name.startswith(f"{prefix}-") or name in (SELECTION, SUCCESS):
-            out.remove(name)
+def _clear(out: OutputLayout, prefixes: set[str]) -> None:
+    """Another selection's files: its shards' index files first (a shard without one is not complete,
+    so a kill midway leaves nothing a rerun would take for done), then the shards, the selection last."""
+    names = out.listdir()
+    ours = [n for n in names if any(n.startswith(f"{p}-") for p in prefixes)]
+    for name in [n for n in ours if n.endswith(".idx")] + [n for n in ours if not n.endswith(".idx")] + [SUCCESS, SELECTION]:
+        out.remove(name)
 
 
-def _copy_all(out: OutputLayout, settings, scores) -> dict:
+def _copy_all(out: OutputLayout, settings, scores, selection: pq.ParquetFile) -> dict:
     r = settings.reshard
-    selection = pq.ParquetFile(out.open_read(SELECTION))
     total = selection.metadata.num_rows
     count = -(-total // r.shard_size)
     names = [f"{r.prefix}-{i:06d}" for i in range(count)]
@@ -112,7 +119,7 @@ def _copy_all(out: OutputLayout, settings, scores) -> dict:
 
     def commit(name: str, index: bytes) -> None:
         out.make_durable(f"{name}.tar")
-        out.write_bytes(f"{name}.idx", index, sync=False)
+        out.write_bytes(f"{name}.idx", index)
 
     def write(i: int, table: pa.Table) -> int:  # new shards are written side by side, by `workers` threads
         size, index = write_shard(out, names[i], table, sources, r.scores)
@@ -176,7 +183,7 @@ class Sources:
     """The scored shards by name; each one's index parsed once and its bytes mapped once, shared by the
     threads that write new shards (consecutive new shards take from the same source shard)."""
 
-    KEEP = 8  # source shards held open
+    KEEP = 8  # source shards held open, besides those being read
 
     def __init__(self, paths: dict[str, str], cache_dir: str | None):
         self.paths, self.cache_dir = paths, cache_dir
@@ -191,8 +198,11 @@ class Sources:
             first = opening is None
             if first:
                 opening = self._open[shard] = Future()
-                while len(self._open) > self.KEEP:  # a dropped one is unmapped when no thread uses it any more
-                    self._open.popitem(last=False)
+                # least recently used first; one being read stays (a dropped one is unmapped once unused)
+                for name in [n for n, f in self._open.items() if f.done()][:max(0, len(self._open) - self.KEEP)]:
+                    del self._open[name]
+            else:
+                self._open.move_to_end(shard)
         if first:
             try:
                 opening.set_result(self._read(shard))
@@ -229,7 +239,7 @@ class SourceShard:
     def read(cls, name: str, path: str, idx: str) -> SourceShard:
         columns = _uniform_index(idx)
         if columns is None:
-            keys, lines, _, _ = index_lines(idx)
+            keys, lines, _ = index_lines(idx)
             return cls(name, path, keys, None, lines, _RangeReader(path))
         c = len(columns) // 4
         plain = PlainLayout.of([columns[4 * k] for k in range(c)],
@@ -327,18 +337,16 @@ class _RangeReader:
         if self.map is not None:
             return [self.view[a:b] for a, b in ranges]
         blocks, members = _blocks(ranges)
-        data = self.fs.cat_ranges([self.inner] * len(blocks), [a for a, _ in blocks], [b for _, b in blocks])
+        try:
+            data = self.fs.cat_ranges([self.inner] * len(blocks), [a for a, _ in blocks], [b for _, b in blocks],
+                                      on_error="raise")
+        except (OSError, ValueError) as e:
+            raise UserError(f"shard {self.path}: cannot read it ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
         views = []
         for (start, _), block, (first, last) in zip(blocks, data, members):
             view = memoryview(block)
             views += [view[a - start:b - start] for a, b in ranges[first:last]]
         return views
-
-    def close(self) -> None:
-        if self.map is not None:
-            self.view.release()
-            self.map.close()
-
 
 BLOCK_BYTES = 8 << 20  # the largest read that covers several ranges
 BLOCK_WASTE = 4  # … when it reads at most this many times the bytes asked for
@@ -379,7 +387,7 @@ def write_shard(out: OutputLayout, name: str, table: pa.Table, sources: Sources,
             if not copied:
                 _copy_samples(tar, source, source.samples(where, keys[start:stop]),
                               score_rows[start:stop] if score_rows is not None else None)
-            tar.flush()  # the views of this source's bytes are written before it may be unmapped
+            tar.flush()  # before the next run: the views are of this source's mapped bytes
     if scores_as == "parquet":
         out.write_parquet(f"{name}.parquet", table.drop_columns([c for c in ("file_row_number",) if c in table.column_names]),
                           compression="zstd")
@@ -396,9 +404,9 @@ def _copy_plain(tar: _TarOut, source: SourceShard, where: np.ndarray) -> bool:
     ranges = list(zip(begin[firsts].tolist(), end[np.concatenate([breaks - 1, [len(where) - 1]])].tolist()))
     data = source.read_ranges(ranges)
     if sum(map(len, data)) != sum(b - a for a, b in ranges):
-        raise OSError(f"{source.path}: shorter than its index says (the shard changed?)")
-    # The index is fresh (not older than the tar); that its headers are where it says is checked at both
-    # ends of the run, not at every sample.
+        raise _changed(source, "it is shorter than its index says")
+    # The index is fresh (not older than the tar); that its headers are where it says is checked for the
+    # first sample of the first and of the last run of neighbours, not for every sample.
     for i in {0, len(ranges) - 1}:
         header = bytes(data[i][:512])
         if header[:100].rstrip(b"\0") != plain.names[0][int(where[firsts[i]])].as_py().encode() or header[345:346] != b"\0":
@@ -420,11 +428,15 @@ def _copy_samples(tar: _TarOut, source: SourceShard, samples: list, score_rows: 
     ranges = [(comps[0][1] - 512, comps[-1][1] + _padded(comps[-1][2])) for _, comps in samples]
     for i, ((key, comps), (begin, end), data) in enumerate(zip(samples, ranges, source.read_ranges(ranges))):
         if len(data) != end - begin:
-            raise OSError(f"{source.path}: short read at byte {begin} (the shard changed?)")
+            raise _changed(source, f"it ends before byte {end}")
         view = memoryview(data)
         if _verbatim(view, begin, key, comps):
             tar.copy(view, begin, [(key, comps)])
-        else:  # headers other than plain ustar (pax, long names): the data as it is, under new ones
+        else:  # other headers before some member (pax records, a GNU long name): the data, under new ones,
+            # where the header right before each component's data is that member's
+            for ext, off, size in comps:
+                if not _member_header(bytes(view[off - 512 - begin: off - begin]), size):
+                    raise _changed(source, f"no tar header of {key}.{ext} where its index puts it")
             tar.add_sample(key, [(ext, view[off - begin: off - begin + size]) for ext, off, size in comps])
         if score_rows is not None:
             tar.add_component(key, "scores.json", score_rows[i].encode())
@@ -524,6 +536,21 @@ def _verbatim(view, begin: int, key: str, comps: list[tuple[str, int, int]]) -> 
             return False
         expected = off + _padded(size)
     return True
+
+
+def _member_header(header: bytes, size: int) -> bool:
+    """A tar header of a regular file of `size` bytes, its checksum right."""
+    try:
+        return len(header) == 512 and header[156:157] in (b"0", b"\0") and \
+            int(header[124:136].strip(b" \0") or b"0", 8) == size and \
+            int(header[148:156].strip(b" \0") or b"0", 8) == sum(header) - sum(header[148:156]) + 256
+    except ValueError:
+        return False
+
+
+def _changed(source: SourceShard, why: str) -> UserError:
+    return UserError(f"shard {source.path} changed since it was indexed ({why}); score it again (its index "
+                     "and its rows) before resharding")
 
 
 def _score_rows(table: pa.Table) -> list[str]:

@@ -37,7 +37,8 @@ from pipeline.outputs import check_names
 from pipeline.settings import ScoreSettings
 from pipeline.stage import Stager, can_stage, check_stage_dir
 from pipeline.shards import BackgroundOpening, Shard, assign_to_rank, expand_shards, open_shard, shard_name
-from pipeline.writer import META_KEY, ShardWriter, run_identity
+from pipeline.completeness import META_KEY, run_identity
+from pipeline.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 

@@ -178,17 +178,23 @@ def query(scores: Scores, settings: SelectSettings, columns: str = "key, shard")
         source += (f" JOIN read_parquet({_quote(settings.join)}, union_by_name = true) AS {META_ALIAS} "
                    f"ON {SCORES_ALIAS}.key = {META_ALIAS}.{_ident(settings.join_on)}")
     picked = ", ".join(f"{SCORES_ALIAS}.{c.strip()}" for c in columns.split(","))
-    return (f"SELECT {picked} FROM {source} WHERE ({settings.where}) "
+    # A sample is selected once, however many of its metadata rows match (an inner join: a sample
+    # without metadata is not selected). The predicate stands on lines of its own: a trailing `--`
+    # comment in it ends there.
+    once = (f"QUALIFY row_number() OVER (PARTITION BY {SCORES_ALIAS}.shard, {SCORES_ALIAS}.file_row_number) = 1\n"
+            if settings.join else "")
+    return (f"SELECT {picked} FROM {source} WHERE (\n{settings.where}\n)\n{once}"
             f"ORDER BY {SCORES_ALIAS}.shard, {SCORES_ALIAS}.file_row_number")
 
 
-def run_query(con, sql: str, where: str) -> pa.RecordBatchReader:
+def run_query(con, sql: str, settings: SelectSettings) -> pa.RecordBatchReader:
     import duckdb
 
     try:
         return con.sql(sql).to_arrow_reader(BATCH_ROWS)
     except duckdb.Error as e:
-        raise UserError(f"where={where!r}: {' '.join(str(e).split())[:300]}") from None
+        given = f"where={settings.where!r}" + (f", join={settings.join!r}" if settings.join else "")
+        raise UserError(f"the query failed ({given}): {' '.join(str(e).split())[:300]}") from None
 
 
 def _quote(text: str) -> str:
@@ -233,8 +239,13 @@ def select(settings: SelectSettings) -> dict:
     if settings.keep_list:
         folder, name = _split(settings.keep_list)
         con = connect(settings, settings.output_dir, settings.join or "")
-        reader = run_query(con, query(scores, settings), settings.where)
-        kept = write_selection(OutputLayout(folder), name, reader, metadata)
+        reader = run_query(con, query(scores, settings), settings)
+        try:
+            kept = write_selection(OutputLayout(folder), name, reader, metadata)
+        except OSError as e:
+            raise UserError(f"keep_list={settings.keep_list}: cannot write it ({e})") from None
+        finally:
+            con.close()
         summary.update(kept=kept, keep_list=settings.keep_list)
         log.info("keep-list rows=%d path=%s", kept, settings.keep_list)
     if settings.reshard.dir:

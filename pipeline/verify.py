@@ -14,7 +14,6 @@ import gc
 import hashlib
 import json
 import multiprocessing
-import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor

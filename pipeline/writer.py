@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.batch import OK, Rows
-from pipeline.completeness import (  # noqa: F401 (the rule is part of the writer's contract)
-    IDENTITY_KEYS, META_KEY, kept_and_dropped, run_identity, shard_complete, stored_metadata)
+from pipeline.completeness import META_KEY, kept_and_dropped, run_identity, shard_complete, stored_metadata
 from pipeline.layout import OutputLayout, shard_file
 
 log = logging.getLogger(__name__)

@@ -272,5 +272,5 @@ def test_select_mode_times_verify_select_join_and_reshard_against_cp(tmp_path, c
     report = json.loads((tmp_path / "select.json").read_text())
     assert set(report["medians"]) == {"verify", "select_two_columns", "join_metadata", "reshard", "cp", "cp_sync"}
     assert 0.25 * 400 <= report["reshard_kept"] <= 0.35 * 400 and report["reshard_bytes"] > 100 * 1500
-    assert report["reshard_over_cp_sync"] == report["medians"]["reshard"] / report["medians"]["cp_sync"]
+    assert all(len(v) == 1 and v[0] > 0 for v in report["seconds"].values())
     assert "cp + sync" in ran.stdout and not (tmp_path / "select-work").exists()

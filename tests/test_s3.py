@@ -93,7 +93,7 @@ def test_output_in_s3_is_whole_objects_and_verifies(s3, local_rows, tmp_path):
 
 def test_report_verify_and_select_on_an_s3_output(s3, tmp_path):
     """The reading jobs work on an s3:// output as on a folder: jobs.report writes its page into it,
-    jobs.verify checks it over processes, jobs.select writes a keep-list and new shards into S3."""
+    jobs.verify checks it, jobs.select writes a keep-list and new shards into S3."""
     import tarfile
 
     import webdataset as wds

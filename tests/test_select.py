@@ -262,3 +262,44 @@ def test_user_errors_are_one_line(scored, tmp_path, args, message):
 def test_a_missing_scores_folder_is_one_line(tmp_path):
     r = run_cli("jobs.select", f"output.dir={tmp_path / 'nothing'}", "where=true", "keep_list=k.parquet")
     assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("predicate", ["caption ILIKE '%dog%'", 'meta."Width" > 5', "key = 'a\\b'", "key LIKE 'x\\'",
+                                       "'a' = shard OR shard = 'b'", "caption = '${not hydra}'", "score > 5 -- a note"])
+def test_a_predicate_reaches_duckdb_as_typed(predicate):
+    """The shell hands the predicate over as typed; Hydra's grammar must not change it on the way."""
+    from hydra import compose, initialize_config_dir
+
+    from jobs._entry import CONF_DIR, quote_verbatim, to_plain
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("select", overrides=["output.dir=/x", quote_verbatim(f"where={predicate}", ("where",))])
+    assert to_plain(cfg)["where"] == predicate
+
+
+def test_another_selection_is_refused_then_replaced_with_overwrite(scored, tmp_path):
+    new = tmp_path / "new"
+    base = ["jobs.select", f"output.dir={scored['scores']}", f"reshard.dir={new}", "reshard.shard_size=3"]
+    assert run_cli(*base, "where=shard = 'part-000000'").returncode == 0
+    r = run_cli(*base, "where=shard = 'part-000001'", "reshard.prefix=other")
+    assert r.returncode == 2 and "another selection" in r.stderr and "where was" in r.stderr
+    r = run_cli(*base, "where=shard = 'part-000001'", "reshard.prefix=other", "reshard.overwrite=true")
+    assert r.returncode == 0, r.stderr
+    assert not list(new.glob("shard-*")) and sorted(read_back(new)) == [f"{i:06d}" for i in range(10, 20)]
+
+
+def test_a_source_shard_changed_after_indexing_stops_the_reshard(scored, tmp_path):
+    """Bytes where the index says a header is, but no such header (checked at the first sample taken from
+    a shard, and at the first of its last run of neighbours): one line, no shard written from them."""
+    shards = tmp_path / "shards"
+    shutil.copytree(scored["root"] / "shards", shards)
+    tar = shards / "part-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[0:100] = b"x" * 100  # the first member's header garbled; same size
+    tar.write_bytes(bytes(data))
+    os.utime(shards / "part-000001.idx")  # the index still counts as fresh
+    r = run_cli("jobs.select", f"output.dir={scored['scores']}", "where=shard = 'part-000001'",
+                f"reshard.dir={tmp_path / 'new'}", f"data.shards={shards}/part-*.tar")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "changed since it was indexed" in lines[0], r.stderr
+    assert not list((tmp_path / "new").glob("*.idx"))

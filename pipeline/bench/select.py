@@ -55,7 +55,11 @@ def make_dataset(root: str, samples: int, shard_size: int, payload: int, workers
     their scores `scores/` (complete, with `_SUCCESS`) and metadata `meta/`; kept when already built."""
     done = os.path.join(root, "dataset.json")
     if os.path.exists(done):
-        return json.load(open(done))
+        with open(done) as f:
+            info = json.load(f)
+        if (info["samples"], info["shard_size"], info.get("payload_bytes")) == (samples, shard_size, payload):
+            return info
+        shutil.rmtree(root)  # built with other parameters
     shards = -(-samples // shard_size)
     for sub in ("shards", "scores", "meta"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -68,9 +72,10 @@ def make_dataset(root: str, samples: int, shard_size: int, payload: int, workers
     for name in (MANIFEST, SUCCESS):
         with open(os.path.join(root, "scores", name), "w") as f:
             json.dump(manifest, f)
-    info = {"root": root, "samples": samples, "shards": names, "shard_size": shard_size,
+    info = {"root": root, "samples": samples, "shards": names, "shard_size": shard_size, "payload_bytes": payload,
             "tar_bytes": sum(os.path.getsize(os.path.join(root, "shards", f"{n}.tar")) for n in names)}
-    json.dump(info, open(done, "w"))
+    with open(done, "w") as f:
+        json.dump(info, f)
     return info
 
 
