@@ -13,8 +13,8 @@ from __future__ import annotations
 import collections
 import io
 import json
-import mmap
 import logging
+import mmap
 import os
 import tarfile
 import threading
@@ -89,8 +89,8 @@ def _stored(out: OutputLayout) -> dict:
 
 
 def _differs(old: dict, new: dict) -> str:
-    key = next((k for k in new if old.get(k) != new[k]), "plan")
-    return f"{key} was {old.get(key)!r}, now {new[key]!r}"
+    key = next(k for k in [*new, *old] if old.get(k) != new.get(k))
+    return f"{key} was {old.get(key)!r}, now {new.get(key)!r}"
 
 
 def _clear(out: OutputLayout, prefixes: set[str]) -> None:
