@@ -161,12 +161,16 @@ def connect(settings: SelectSettings, *roots: str):
     try:
         con = duckdb.connect(config=config)
     except duckdb.Error as e:
-        raise UserError(f"memory_limit/threads: {str(e).splitlines()[0]}") from None
+        raise UserError(f"duckdb.memory_limit / duckdb.threads: {str(e).splitlines()[0]}") from None
+    registered = set()
     for root in roots:
         if root and is_url(root):
             from pipeline.layout import filesystem
 
-            con.register_filesystem(filesystem(root)[0])
+            fs = filesystem(root)[0]
+            if fs.protocol not in registered:  # DuckDB takes one filesystem per protocol
+                con.register_filesystem(fs)
+                registered.add(fs.protocol)
     return con
 
 
@@ -175,8 +179,10 @@ def query(scores: Scores, settings: SelectSettings, columns: str = "key, shard")
     files = ", ".join(_quote(scores.layout.path(f)) for f in scores.files)
     source = f"read_parquet([{files}], file_row_number = true) AS {SCORES_ALIAS}"
     if settings.join:
-        source += (f" JOIN read_parquet({_quote(settings.join)}, union_by_name = true) AS {META_ALIAS} "
-                   f"ON {SCORES_ALIAS}.key = {META_ALIAS}.{_ident(settings.join_on)}")
+        # USING when the metadata's column is also `key`: the predicate then names `key` without a table
+        on = (f'USING ("key")' if settings.join_on == "key" else
+              f"ON {SCORES_ALIAS}.key = {META_ALIAS}.{_ident(settings.join_on)}")
+        source += f" JOIN read_parquet({_quote(settings.join)}, union_by_name = true) AS {META_ALIAS} {on}"
     picked = ", ".join(f"{SCORES_ALIAS}.{c.strip()}" for c in columns.split(","))
     # A sample is selected once, however many of its metadata rows match (an inner join: a sample
     # without metadata is not selected). The predicate stands on lines of its own: a trailing `--`

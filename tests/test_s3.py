@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -110,8 +111,12 @@ def test_report_verify_and_select_on_an_s3_output(s3, tmp_path):
     r = run_cli("jobs.verify", "data.shards=s3://data/in/part-*.tar", f"output.dir={url}", "verify.workers=2",
                 f"data.index_cache_dir={tmp_path / 'idx'}", env=s3["env"])
     assert r.returncode == 0 and "done 3" in r.stdout and r.stdout.strip().endswith("complete"), r.stdout + r.stderr
-    r = run_cli("jobs.select", f"output.dir={url}", "where=status = 'ok' AND key <> '000004'",
-                "keep_list=s3://data/sel/keep.parquet", "reshard.dir=s3://data/sel/new", "reshard.shard_size=6",
+    keys = [f"{i:06d}" for i in range(20)]
+    pq.write_table(pa.table({"key": keys, "width": [100 + i for i in range(20)]}), tmp_path / "meta.parquet")
+    fs.put(str(tmp_path / "meta.parquet"), "data/meta/meta.parquet")
+    r = run_cli("jobs.select", f"output.dir={url}", "where=status = 'ok' AND key <> '000004' AND width > 0",
+                "join=s3://data/meta/*.parquet", "keep_list=s3://data/sel/keep.parquet", "reshard.dir=s3://data/sel/new",
+                "reshard.shard_size=6",
                 f"data.index_cache_dir={tmp_path / 'idx'}", env=s3["env"])
     assert r.returncode == 0, r.stderr
     fs.invalidate_cache()
