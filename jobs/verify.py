@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from jobs._entry import run_job, to_plain
-from pipeline.cluster import cpus_available, rank_and_world
+from pipeline.cluster import cpus_available, rank_and_world, verification_id
 from pipeline.errors import UserError
 from pipeline.layout import OutputLayout, is_url
 from pipeline.settings import DistSettings, from_mapping
@@ -31,14 +31,7 @@ def main(cfg) -> int:
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise UserError(f"verify.workers={workers!r}: give a number of processes >= 1")
     rank, world = rank_and_world(from_mapping(DistSettings, config.get("dist") or {}, "dist."))
-    # The tasks of one Slurm array share its job id, the tasks of one srun step their job and step ids: one
-    # verification, whatever records an earlier one left. Ranks given by hand must name theirs.
-    env = os.environ
-    verification = str(verification or env.get("SLURM_ARRAY_JOB_ID")
-                       or (f"{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}" if "SLURM_STEP_ID" in env else ""))
-    if world > 1 and not verification:
-        raise UserError("verify.id=… is required with ranks outside a Slurm array or srun step: the same id on "
-                        "every rank of one verification, a new one for the next")
+    verification = verification_id(verification, world)
     layout = OutputLayout(out_dir)
     paths = expand_shards(config["data"]["shards"])
     complete, table, content = verify(paths, layout, config["data"].get("index_cache_dir"),

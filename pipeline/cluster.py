@@ -39,6 +39,19 @@ def rank_and_world(dist) -> tuple[int, int]:
     return rank, world
 
 
+def verification_id(given: str | None, world: int) -> str:
+    """Which verification this rank of `jobs.verify` belongs to: `given`, else the tasks of one Slurm array
+    share its job id and the tasks of one srun step their job and step ids. Ranks given by hand must name
+    theirs, so that the records of an earlier verification are never merged into this one."""
+    env = os.environ
+    found = str(given or env.get("SLURM_ARRAY_JOB_ID")
+                or (f"{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}" if "SLURM_STEP_ID" in env else ""))
+    if world > 1 and not found:
+        raise UserError("verify.id=… is required with ranks outside a Slurm array or srun step: the same id on "
+                        "every rank of one verification, a new one for the next")
+    return found
+
+
 def local_rank() -> int:
     """This process's index among those on its node: torchrun's LOCAL_RANK, else Slurm's SLURM_LOCALID."""
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))

@@ -116,6 +116,11 @@ def object_version(url: str) -> tuple[int, str]:
     return int(info.get("size") or 0), str(version).strip('"')
 
 
+def _temporary(path: str) -> str:
+    """The name a file is written under before it is renamed into place: hidden, and this process's own."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+
+
 class OutputLayout:
     """A folder of the job's files, local or in object storage: every read and write of an output folder
     (and of `jobs.select`'s new shards) goes through here, and every write of a whole file is atomic."""
@@ -204,7 +209,7 @@ class OutputLayout:
         path = self.path(name)
         if os.path.dirname(path) != self.root:  # the root was made on opening: no syscalls per shard for it
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        tmp = _temporary(path)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -234,7 +239,7 @@ class OutputLayout:
             return
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        tmp = _temporary(path)
         try:
             with open(tmp, "wb", buffering=buffering) as f:
                 yield f
@@ -265,7 +270,7 @@ class OutputLayout:
             self.write_bytes(name, data, sync=False)
             return True
         path = self.path(name)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+        tmp = _temporary(path)
         with open(tmp, "wb") as f:
             f.write(data)
         try:

@@ -109,7 +109,10 @@ def _copy_all(out: OutputLayout, settings, scores, selection: pq.ParquetFile) ->
     names = [f"{r.prefix}-{i:06d}" for i in range(count)]
     present = set(out.listdir())
     finished = {n for n in names if f"{n}.idx" in present and f"{n}.tar" in present}
-    paths = shard_paths(settings, scores)
+    paths = scores.shard_paths
+    if paths is None:
+        raise UserError("resharding needs the scored shards: give data.shards=… (the scores do not say them, "
+                        "or they match no file from here)")
     workers = r.workers or cpus_available()
     sources = Sources(paths, settings.index_cache_dir)
     # A new shard is committed (its tar synced, then its index written) by one thread of its own, in
@@ -167,16 +170,6 @@ def _slices(selection: pq.ParquetFile, size: int):
             pending, held = rest.to_batches(), rest.num_rows
     if held:
         yield pa.Table.from_batches(pending)
-
-
-def shard_paths(settings, scores) -> dict[str, str]:
-    """The scored shards' paths by name."""
-    from pipeline.shards import expand_shards, shard_name
-
-    spec = settings.shards or (scores.config.get("data") or {}).get("shards")
-    if not spec:
-        raise UserError("resharding needs the scored shards: give data.shards=… (the scores do not say them)")
-    return {shard_name(p): p for p in expand_shards(spec)}
 
 
 class Sources:

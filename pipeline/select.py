@@ -91,6 +91,7 @@ class Scores:
     config: dict
     missing: list[str]  # shards of the run without a file
     problems: list[str]  # why the folder is not complete
+    shard_paths: dict[str, str] | None  # the scored shards by name; None where they cannot be found from here
 
 
 def open_scores(settings: SelectSettings) -> Scores:
@@ -106,7 +107,8 @@ def open_scores(settings: SelectSettings) -> Scores:
     stored = _stored_metadata(layout, files)
     identities = collections.Counter(json.dumps(run_identity(m), sort_keys=True) for m in stored.values())
     config = stored[files[-1]].get("config") or {}
-    missing = _missing_shards(settings, config, {shard_of(f) for f in files})
+    shard_paths = _shard_paths(settings, config)
+    missing = sorted(set(shard_paths or ()) - {shard_of(f) for f in files})
     problems = []
     if not layout.exists(SUCCESS):
         problems.append("no _SUCCESS")
@@ -120,7 +122,8 @@ def open_scores(settings: SelectSettings) -> Scores:
     if problems:
         log.warning("selecting from incomplete scores: %s", "; ".join(problems))
     identity = json.loads(identities.most_common(1)[0][0])
-    return Scores(layout, files, sum(m.get("rows", 0) for m in stored.values()), identity, config, missing, problems)
+    return Scores(layout, files, sum(m.get("rows", 0) for m in stored.values()), identity, config, missing, problems,
+                  shard_paths)
 
 
 def _stored_metadata(layout: OutputLayout, files: list[str]) -> dict[str, dict]:
@@ -134,17 +137,18 @@ def _stored_metadata(layout: OutputLayout, files: list[str]) -> dict[str, dict]:
     return found
 
 
-def _missing_shards(settings: SelectSettings, config: dict, present: set[str]) -> list[str]:
+def _shard_paths(settings: SelectSettings, config: dict) -> dict[str, str] | None:
+    """The scored shards by name: data.shards, else as the scored run was given them (expanded once, for
+    the completeness check and for resharding)."""
     from pipeline.shards import expand_shards, shard_name
 
     spec = settings.shards or (config.get("data") or {}).get("shards")
     if not spec:
-        return []
+        return None
     try:
-        expected = {shard_name(p) for p in expand_shards(spec)}
+        return {shard_name(p): p for p in expand_shards(spec)}
     except UserError:
-        return []  # the run's shards are not reachable from here: _SUCCESS and the files decide
-    return sorted(expected - present)
+        return None  # the run's shards are not reachable from here: _SUCCESS and the files decide
 
 
 # --- the query --------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def query(scores: Scores, settings: SelectSettings, columns: str = "key, shard")
     source = f"read_parquet([{files}], file_row_number = true) AS {SCORES_ALIAS}"
     if settings.join:
         # USING when the metadata's column is also `key`: the predicate then names `key` without a table
-        on = (f'USING ("key")' if settings.join_on == "key" else
+        on = ('USING ("key")' if settings.join_on == "key" else
               f"ON {SCORES_ALIAS}.key = {META_ALIAS}.{_ident(settings.join_on)}")
         source += f" JOIN read_parquet({_quote(settings.join)}, union_by_name = true) AS {META_ALIAS} {on}"
     picked = ", ".join(f"{SCORES_ALIAS}.{c.strip()}" for c in columns.split(","))
