@@ -20,4 +20,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    run_job(main, config_name="report")
+    run_job(main, config_name="report", quick_exit=True)

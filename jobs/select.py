@@ -24,4 +24,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    run_job(main, config_name="select", verbatim=("where",))
+    run_job(main, config_name="select", verbatim=("where",), quick_exit=True)

@@ -42,4 +42,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    run_job(main, config_name="verify")
+    run_job(main, config_name="verify", quick_exit=True)

@@ -270,7 +270,9 @@ def test_select_mode_times_verify_select_join_and_reshard_against_cp(tmp_path, c
                 "bench.select.rounds=1", f"bench.select.folder={tmp_path / 'data'}", f"bench.out_dir={tmp_path}")
     assert ran.returncode == 0
     report = json.loads((tmp_path / "select.json").read_text())
-    assert set(report["medians"]) == {"verify", "select_two_columns", "join_metadata", "reshard", "cp", "cp_sync"}
+    assert set(report["medians"]) == {"verify", "select_two_columns", "join_metadata", "reshard", "cp", "cp_sync",
+                                      "reshard_cold", "cp_cold", "cp_cold_sync"}
+    assert report["cold_reshard_over_cp_sync"] == report["medians"]["reshard_cold"] / report["medians"]["cp_cold_sync"]
     assert 0.25 * 400 <= report["reshard_kept"] <= 0.35 * 400 and report["reshard_bytes"] > 100 * 1500
     assert all(len(v) == 1 and v[0] > 0 for v in report["seconds"].values())
-    assert "cp + sync" in ran.stdout and not (tmp_path / "select-work").exists()
+    assert "cp + sync" in ran.stdout and "from the disk" in ran.stdout and not (tmp_path / "select-work").exists()

@@ -289,8 +289,8 @@ def test_another_selection_is_refused_then_replaced_with_overwrite(scored, tmp_p
 
 
 def test_a_source_shard_changed_after_indexing_stops_the_reshard(scored, tmp_path):
-    """Bytes where the index says a header is, but no such header (checked at the first sample taken from
-    a shard, and at the first of its last run of neighbours): one line, no shard written from them."""
+    """Bytes where the index says a header is, but no such header (checked at the first and the last
+    sample taken from a shard): one line, no shard written from them."""
     shards = tmp_path / "shards"
     shutil.copytree(scored["root"] / "shards", shards)
     tar = shards / "part-000001.tar"
@@ -303,3 +303,21 @@ def test_a_source_shard_changed_after_indexing_stops_the_reshard(scored, tmp_pat
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "changed since it was indexed" in lines[0], r.stderr
     assert not list((tmp_path / "new").glob("*.idx"))
+
+
+def test_scores_in_another_order_than_the_tar_are_found_by_key(scored, tmp_path):
+    """A shard's samples are taken at their rows in its scores when the index agrees there; scores
+    written in another order (here reversed) are found by key, and come out in the scores' order."""
+    scores = tmp_path / "scores"
+    shutil.copytree(scored["scores"], scores)
+    table = pq.read_table(scores / "part-000001.parquet")
+    reversed_rows = table.take(list(range(table.num_rows - 1, -1, -1)))
+    pq.write_table(reversed_rows.replace_schema_metadata(table.schema.metadata), scores / "part-000001.parquet")
+    new = tmp_path / "new"
+    r = run_cli("jobs.select", f"output.dir={scores}", "where=shard = 'part-000001'", f"reshard.dir={new}",
+                "reshard.shard_size=100")
+    assert r.returncode == 0, r.stderr
+    keys = reversed_rows.column("key").to_pylist()
+    assert read_back_order(new / "shard-000000.tar") == keys and keys == sorted(keys, reverse=True)
+    for key, parts in read_back(new).items():
+        assert parts == {split_key(n)[1]: v for n, v in scored["originals"].items() if split_key(n)[0] == key}

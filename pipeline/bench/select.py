@@ -42,6 +42,7 @@ class SelectBenchSettings:
     fraction: float = 0.3  # of the samples the reshard keeps
     rounds: int = 3
     folder: str = "/tmp/shardscore-bench-select"  # the dataset is built once and kept here
+    cold: bool = True  # also reshard and cp with their inputs evicted from the page cache
 
     def __post_init__(self):
         from pipeline.errors import UserError
@@ -144,42 +145,92 @@ def run_select(settings: SelectBenchSettings, out_dir: str) -> dict:
                           f"keep_list={work}/joined.parquet"],
         "reshard": ["jobs.select", f"output.dir={scores}", f"where=score > {threshold:.4f}", f"reshard.dir={work}/new"],
     }
-    times: dict[str, list[float]] = {name: [] for name in [*steps, "cp", "cp_sync"]}
+    inputs = {"verify": [scores], "select_two_columns": [scores], "join_metadata": [scores, f"{root}/meta"],
+              "reshard": [scores, os.path.join(root, "shards")]}
+    names = [*steps, "cp", "cp_sync", *(["reshard_cold", "cp_cold", "cp_cold_sync"] if settings.cold else [])]
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def timed(args: list[str]) -> float:
+        subprocess.run(["sync"], check=True)
+        started = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{args[0]} failed: {r.stderr[-2000:]}")
+        return time.perf_counter() - started
+
+    def cp_of(tars: list[str], cached: bool) -> tuple[float, float]:
+        """cp of the reshard's tars, then sync: (cp, cp + sync)."""
+        shutil.rmtree(f"{work}/cp", ignore_errors=True)
+        os.makedirs(f"{work}/cp")
+        subprocess.run(["sync"], check=True)
+        (_warm if cached else _evict)(tars)
+        started = time.perf_counter()
+        subprocess.run(["cp", *tars, f"{work}/cp/"], check=True)
+        copied = time.perf_counter() - started
+        subprocess.run(["sync"], check=True)
+        return copied, time.perf_counter() - started
+
     for _ in range(settings.rounds):
         for name, args in steps.items():
             shutil.rmtree(f"{work}/new", ignore_errors=True)
             os.makedirs(work, exist_ok=True)
-            subprocess.run(["sync"], check=True)
-            started = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
-            times[name].append(time.perf_counter() - started)
-            if r.returncode:
-                raise RuntimeError(f"{args[0]} failed: {r.stderr[-2000:]}")
-        # cp of exactly the bytes the reshard wrote (its tars), then sync: as durable as the reshard's fsyncs
+            _warm(inputs[name])  # in the page cache, as cp's input is
+            times[name].append(timed(args))
         tars = sorted(os.path.join(work, "new", n) for n in os.listdir(os.path.join(work, "new")) if n.endswith(".tar"))
         copied = sum(os.path.getsize(t) for t in tars)
-        shutil.rmtree(f"{work}/cp", ignore_errors=True)
-        os.makedirs(f"{work}/cp")
-        subprocess.run(["sync"], check=True)
-        started = time.perf_counter()
-        subprocess.run(["cp", *tars, f"{work}/cp/"], check=True)
-        times["cp"].append(time.perf_counter() - started)
-        subprocess.run(["sync"], check=True)
-        times["cp_sync"].append(time.perf_counter() - started)
+        for name, value in zip(("cp", "cp_sync"), cp_of(tars, cached=True)):
+            times[name].append(value)
+        if settings.cold:  # both read their input from the disk: evicted from the page cache first
+            shutil.rmtree(f"{work}/new", ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            _evict(inputs["reshard"])
+            times["reshard_cold"].append(timed(steps["reshard"]))
+            for name, value in zip(("cp_cold", "cp_cold_sync"), cp_of(tars, cached=False)):
+                times[name].append(value)
     medians = {name: statistics.median(values) for name, values in times.items()}
     kept = pq.read_metadata(os.path.join(work, "new", "_selection.parquet")).num_rows
     report = {"mode": "select", "cpu_flags": cpu_flags(), "samples": data["samples"], "shards": len(data["shards"]),
               "reshard_kept": kept, "reshard_bytes": copied, "seconds": times, "medians": medians,
               "reshard_over_cp": medians["reshard"] / medians["cp"],
-              "reshard_over_cp_sync": medians["reshard"] / medians["cp_sync"]}
+              "reshard_over_cp_sync": medians["reshard"] / medians["cp_sync"],
+              **({"cold_reshard_over_cp_sync": medians["reshard_cold"] / medians["cp_cold_sync"]} if settings.cold else {})}
     with open(os.path.join(out_dir, "select.json"), "w") as f:
         json.dump(report, f, indent=2)
     for name, values in times.items():
         print(f"  {name:<20} median {medians[name]:6.2f} s   rounds {' '.join(f'{v:.2f}' for v in values)}")
     print(f"  reshard: {kept:,} samples, {copied / 1e6:.0f} MB; {report['reshard_over_cp']:.2f}x cp, "
-          f"{report['reshard_over_cp_sync']:.2f}x cp + sync", flush=True)
+          f"{report['reshard_over_cp_sync']:.2f}x cp + sync"
+          + (f"; from the disk: {report['cold_reshard_over_cp_sync']:.2f}x cp + sync" if settings.cold else ""), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _files(paths: list[str]) -> list[str]:
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            found += [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+        else:
+            found.append(path)
+    return found
+
+
+def _warm(paths: list[str]) -> None:
+    """Read the files, so that they are in the page cache (the kernel here evicts idle pages on its own)."""
+    for path in _files(paths):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(8 << 20):
+                pass
+
+
+def _evict(paths: list[str]) -> None:
+    """Drop the files' (clean) pages from the page cache."""
+    for path in _files(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _threshold(scores: str, fraction: float, samples: int) -> float:
