@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 SELECTION = "_selection.parquet"
 PROGRESS_EVERY_S = 10.0
 COMMITTERS = 4
-GATHER_BYTES = 256 << 10  # small pieces are joined into writes of about this size (see _TarOut)
+GATHER_BYTES = 1 << 20  # small pieces are gathered into writes of about this size (see _TarOut)
 ROW_COLUMNS = ("key", "shard", "file_row_number")  # not part of a sample's scores
 
 
@@ -473,10 +473,10 @@ def _copy_samples(tar: _TarOut, source: SourceShard, samples: list, score_rows: 
 
 
 class _TarOut:
-    """A tar being written atomically, with the index lines of what it holds. Small pieces (a sample's
-    headers and data, a run of neighbours) are joined in memory into writes of about GATHER_BYTES, which
-    still fit the CPU's cache when the kernel copies them: measured here, one write of 256 KB joined from
-    a hundred pieces costs half what a `writev` of the same pieces does. A large piece is written as it is."""
+    """A tar being written atomically, with the index lines of what it holds. Small pieces (samples of a
+    few KB) are gathered in memory, by Arrow's `take` or a join, into writes of about GATHER_BYTES:
+    measured here, that costs half what a `writev` of the same pieces does (the kernel's cost is per
+    piece). A large piece is written as it is."""
 
     def __init__(self, out: OutputLayout, name: str):
         self._opening = out.open_atomic(name, buffering=0, sync=False)
