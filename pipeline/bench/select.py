@@ -1,8 +1,10 @@
 """`jobs.bench mode=select`: a scored dataset of a million samples built here (tar shards with their
 index files, a complete score folder, img2dataset-style metadata Parquet beside the shards), then timed:
 `jobs.verify` over the scores, `jobs.select` with a predicate on two score columns, a keep-list joined
-with the metadata, and resharding 30 % of the samples against `cp` of the same bytes. Each measurement is
-a whole process (imports included), as a user would run it; medians over `rounds`, the steps interleaved.
+with the metadata, and resharding 30 % of the samples against `cp` of the same bytes (then `sync`). Each
+measurement is a whole process (imports included), as a user would run it; medians over `rounds`, the
+steps interleaved, each step's input read into the page cache just before it; with `cold`, the reshard
+and `cp` again with their inputs evicted from the page cache.
 """
 
 from __future__ import annotations
