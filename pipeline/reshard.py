@@ -423,7 +423,7 @@ def _copy_plain(tar: _TarOut, source: SourceShard, where: np.ndarray) -> bool:
     samples = source.sample_bytes
     if samples is not None:
         data = None
-        headers = [source.reader.view[plain.begin[i]:plain.begin[i] + 512] for i in (where[0], where[-1])]
+        headers = source.read_ranges([(int(plain.begin[i]), int(plain.begin[i]) + 512) for i in (where[0], where[-1])])
     else:
         breaks = np.flatnonzero(begin[1:] != end[:-1]) + 1
         ranges = list(zip(begin[np.concatenate([[0], breaks])].tolist(),
@@ -440,12 +440,13 @@ def _copy_plain(tar: _TarOut, source: SourceShard, where: np.ndarray) -> bool:
             return False
     starts = tar.pos + np.concatenate([[0], np.cumsum(end - begin)[:-1]])  # each sample's begin in the new tar
     delta = starts - begin
+    at = pa.array(where)
     columns = []
     for k in range(plain.offsets.shape[1]):
-        columns += [plain.exts[k].take(pa.array(where)), pa.array(plain.offsets[where, k] + delta).cast(pa.string()),
-                    pa.array(plain.sizes[where, k]).cast(pa.string()), plain.names[k].take(pa.array(where))]
+        columns += [plain.exts[k].take(at), pa.array(plain.offsets[where, k] + delta).cast(pa.string()),
+                    pa.array(plain.sizes[where, k]).cast(pa.string()), plain.names[k].take(at)]
     if data is None:
-        tar.write_taken(samples, where, int(plain.end[-1]) // len(plain.end))
+        tar.write_taken(samples, at)
     else:
         tar.write_all(data)
     tar.add_lines(pc.binary_join_element_wise(pc.binary_join_element_wise(*columns, " "), "", "\n"))
@@ -521,23 +522,13 @@ class _TarOut:
             self.flush()
 
     def write_all(self, views: list) -> None:
-        """Many pieces: joined, so many at a time that each write is about GATHER_BYTES."""
-        total = sum(map(len, views))
-        if total >= GATHER_BYTES * len(views):  # large pieces: each written as it is
-            for view in views:
-                self.write(view)
-            return
-        self.flush()
-        per = GATHER_BYTES * len(views) // max(total, 1) or 1
-        for start in range(0, len(views), per):
-            self._write(b"".join(views[start:start + per]))
-        self.pos += total
+        for view in views:
+            self.write(view)
 
-    def write_taken(self, values: pa.Array, where: np.ndarray, mean_size: int) -> None:
-        """The binary values at `where`, gathered by Arrow a write's worth (about GATHER_BYTES) at a time."""
+    def write_taken(self, values: pa.Array, at: pa.Array) -> None:
+        """The binary values at `at`, gathered by Arrow a write's worth (about GATHER_BYTES) at a time."""
         self.flush()
-        at = pa.array(where)
-        per = max(1, GATHER_BYTES // max(mean_size, 1))
+        per = max(1, GATHER_BYTES * len(values) // max(len(_bytes_of(values)), 1))
         for start in range(0, len(at), per):
             data = _bytes_of(values.take(at[start:start + per]))
             self._write(data)
